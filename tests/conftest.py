@@ -1,0 +1,74 @@
+"""Shared fixtures: small synthetic VOC sets, the real VOC sample, and a helper to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO.parent / "shared" / "data" / "voc2012-sample100"
+
+# Keep every run offline and out of the home directory.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    home = tmp_path_factory.mktemp("home")
+    os.environ["YOLO_CONFIG_DIR"] = str(home / "ultralytics")
+    os.environ["WANDB_DIR"] = str(home / "wandb")
+    os.environ["WANDB_CACHE_DIR"] = str(home / "wandb-cache")
+    os.environ["WANDB_CONFIG_DIR"] = str(home / "wandb-config")
+
+
+@pytest.fixture(scope="session")
+def sample_root() -> Path:
+    if not SAMPLE.is_dir():
+        pytest.skip(f"real VOC sample not found at {SAMPLE}")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic flat VOC set (32 images, 128 px) shared by the integration tests."""
+    from vocdet.synth import synthesize_voc
+
+    return synthesize_voc(tmp_path_factory.mktemp("synth") / "voc", images=32, seed=0, size=128, val_fraction=0.25)
+
+
+def tiny_overrides(root: Path, run_dir: Path, name: str = "tiny") -> list[str]:
+    """Settings that train in seconds on a CPU: 64 px, batch 8, one epoch, no workers, no W&B."""
+    return [
+        f"data.root={root}",
+        f"run.dir={run_dir}",
+        f"run.name={name}",
+        "data.imgsz=64",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "data.close_mosaic=0",
+        "train.epochs=1",
+        "train.nbs=8",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "logging.wandb=false",
+    ]
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the installed CLI in a fresh process (exit codes and stderr exactly as a user sees them)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "vocdet", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+    )

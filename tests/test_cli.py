@@ -1,0 +1,193 @@
+"""End to end through the real CLI: synth -> train -> eval, DDP on 2 CPU processes, the real VOC sample,
+detections files, W&B offline runs, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny training run through the CLI (two epochs so validation and checkpoints happen twice)."""
+    run_dir = tmp_path_factory.mktemp("runs")
+    # A two-epoch model scores below the default conf 0.001; a lower threshold (stored in the checkpoint)
+    # gives the evaluation real detections to match.
+    proc = run_cli("train", *tiny_overrides(synth_root, run_dir), "train.epochs=2", "eval.conf=0.00001")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "best checkpoint:" in proc.stdout
+    assert "all" in proc.stdout and "AP50-95" in proc.stdout  # the per-class table
+    return run_dir / "tiny"
+
+
+def test_train_writes_run_directory(trained: Path, synth_root: Path) -> None:
+    assert (trained / "checkpoints" / "best.ckpt").is_file() and (trained / "checkpoints" / "last.ckpt").is_file()
+    assert (trained / "config.yaml").read_text().count("imgsz: 64") == 1
+    metrics = json.loads((trained / "metrics.json").read_text())
+    val_ids = (synth_root / "ImageSets" / "Main" / "val.txt").read_text().split()
+    assert metrics["image_ids"] == sorted(val_ids)
+    assert set(metrics) >= {"map50", "map50_95", "voc07_map50", "per_class", "data_root", "image_ids"}
+    assert 0.0 <= metrics["map50_95"] <= metrics["map50"] <= 1.0
+    assert (trained / "csv" / "metrics.csv").is_file()
+    ckpt = torch.load(trained / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    meta = ckpt["vocdet"]
+    assert meta["imgsz"] == 64 and meta["class_names"][14] == "person" and meta["config"]["data"]["imgsz"] == 64
+    assert ckpt["hyper_parameters"]["config"]["run"]["name"] == "tiny"
+    assert any(k.startswith("ema_model.") for k in ckpt["state_dict"])
+
+
+def test_eval_checkpoint_and_detections_file_agree(trained: Path, tmp_path: Path) -> None:
+    out, preds = tmp_path / "m.json", tmp_path / "preds.json"
+    proc = run_cli(
+        "eval", "--checkpoint", str(trained / "checkpoints" / "best.ckpt"), "--output", str(out),
+        "--predictions", str(preds), "trainer.enable_progress_bar=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_ckpt = json.loads(out.read_text())
+    # The checkpoint alone was enough: data root, image size and thresholds came from inside it.
+    assert from_ckpt["map50"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["map50"], abs=1e-9)
+    rows = json.loads(preds.read_text())
+    assert rows and set(rows[0]) == {"image_id", "class", "score", "bbox"}
+    out2 = tmp_path / "m2.json"
+    proc = run_cli("eval", "--detections", str(preds), "--output", str(out2), f"data.root={from_ckpt['data_root']}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from_file = json.loads(out2.read_text())
+    for key in ("map50", "map50_95", "voc07_map50"):
+        assert from_file[key] == pytest.approx(from_ckpt[key], abs=1e-6)
+
+
+def test_eval_detections_on_real_sample_matches_pycocotools(sample_root: Path, tmp_path: Path) -> None:
+    from tests.test_metrics import VOC_CLASSES as REF_CLASSES
+    from tests.test_metrics import coco_reference, load_sample, voc_reference  # independent pycocotools/devkit
+
+    dets_dir = sample_root / "extras" / "dets_abs_xyx2y2_classid_conf"
+    from vocdet.data import VOC_CLASSES
+
+    rows = []
+    for f in sorted(dets_dir.glob("*.txt")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                c, s, x1, y1, x2, y2 = line.split()
+                rows.append({"image_id": f.stem, "class": VOC_CLASSES[int(c)], "score": float(s),
+                             "bbox": [float(x1), float(y1), float(x2), float(y2)]})  # fmt: skip
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps(rows))
+    out = tmp_path / "m.json"
+    proc = run_cli("eval", "--detections", str(dets), "--output", str(out), f"data.root={sample_root}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(out.read_text())
+    gts, preds = load_sample()
+    map50_95, map50, _, _ = coco_reference(gts, preds, list(REF_CLASSES))
+    voc_map, _ = voc_reference(gts, preds, list(REF_CLASSES))
+    assert ours["map50"] == pytest.approx(map50, abs=1e-3)
+    assert ours["map50_95"] == pytest.approx(map50_95, abs=1e-3)
+    assert ours["voc07_map50"] == pytest.approx(voc_map, abs=1e-3)
+    assert len(ours["image_ids"]) == 100
+
+
+def test_ddp_two_cpu_processes(synth_root: Path, tmp_path: Path) -> None:
+    proc = run_cli(
+        "train", "--accelerator", "cpu", "--devices", "2", *tiny_overrides(synth_root, tmp_path, "ddp"),
+        env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    # 8 val images over 2 ranks: each image scored exactly once.
+    val_ids = (synth_root / "ImageSets" / "Main" / "val.txt").read_text().split()
+    assert metrics["image_ids"] == sorted(val_ids)
+    assert sum(c["num_gt"] + c["num_difficult"] for c in metrics["per_class"].values()) == sum(
+        len(__import__("vocdet.data", fromlist=["x"]).parse_voc_xml(synth_root / "Annotations" / f"{i}.xml").labels)
+        for i in val_ids
+    )
+    # The checkpoint evaluated on one process gives the same numbers the two ranks agreed on.
+    out = tmp_path / "single.json"
+    proc = run_cli("eval", "--checkpoint", str(tmp_path / "ddp" / "checkpoints" / "best.ckpt"), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["map50_95"] == pytest.approx(metrics["map50_95"], abs=1e-9)
+
+
+def test_real_sample_train_then_eval(sample_root: Path, tmp_path: Path) -> None:
+    proc = run_cli("train", *tiny_overrides(sample_root, tmp_path, "real"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "using every annotated image" in proc.stderr  # flat root without train/val split files
+    metrics = json.loads((tmp_path / "real" / "metrics.json").read_text())
+    assert len(metrics["image_ids"]) == 100
+    per = metrics["per_class"]
+    assert per["person"]["num_gt"] + per["person"]["num_difficult"] == 91
+    assert sum(c["num_difficult"] for c in per.values()) == 38
+
+
+def test_wandb_offline_run_is_written(synth_root: Path, tmp_path: Path) -> None:
+    args = [a for a in tiny_overrides(synth_root, tmp_path, "wb") if not a.startswith("logging.wandb")]
+    proc = run_cli("train", *args, "logging.wandb=true", "logging.log_every_n_steps=1", env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    log = list(runs[0].glob("run-*.wandb"))  # the transaction log `wandb sync` uploads later
+    assert len(log) == 1
+    # Read it back with W&B's own reader: the config and the logged metrics must be in it.
+    wandb_bin = Path(sys.executable).with_name("wandb")
+    dump = subprocess.run(
+        [str(wandb_bin), "leet", "inspect", "--json", str(log[0])], capture_output=True, text=True, timeout=120
+    )
+    records = [json.loads(line) for line in dump.stdout.splitlines() if line.startswith("{")]
+    run = next(r for r in records if r["type"] == "run")
+    assert run["run"]["config"]["update"]["data"]["imgsz"] == 64
+    assert run["run"]["config"]["update"]["train"]["lr0"] == 0.01
+    history = json.dumps([r for r in records if r["type"] == "history"])
+    for key in ("val/map50", "val/map50_95", "train/loss_step", "lr/bias"):
+        assert key in history, key
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["train", "data.root=/nonexistent"], ["data root not found: /nonexistent", "vocdet data download"]),
+        (["train", "data.no_such_key=1"], ["unknown config key 'data.no_such_key'"]),
+        (["train", "data.imgsz=abc"], ["invalid value for 'data.imgsz'"]),
+        (["train", "--gpus", "2"], ["--accelerator cpu --devices 2"]),
+        (["train", "--config", "/nonexistent.yaml"], ["config file not found"]),
+        (["eval", "--checkpoint", "/nonexistent.ckpt"], ["checkpoint not found"]),
+        (["eval"], ["exactly one of --checkpoint or --detections"]),
+    ],
+)
+def test_bad_input_exits_with_one_line(args: list[str], needles: list[str]) -> None:
+    if args[:2] == ["train", "--gpus"] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _one_line_error(run_cli(*args, timeout=120), *needles)
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    _one_line_error(run_cli("eval", "--checkpoint", str(bad)), "cannot read checkpoint")
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}, "epoch": 3}, foreign)
+    _one_line_error(run_cli("eval", "--checkpoint", str(foreign)), "is not a vocdet checkpoint")
+
+
+def test_synth_cli_is_deterministic(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        proc = run_cli("data", "synth", "--out", str(tmp_path / name), "--images", "5", "--seed", "3", "--size", "96")
+        assert proc.returncode == 0, proc.stderr
+    for f in sorted((tmp_path / "a").rglob("*.*")):
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()

@@ -1,0 +1,41 @@
+"""vocdet: YOLOv8 object detectors on PASCAL VOC with PyTorch Lightning.
+
+The public API, the same functions the ``vocdet`` CLI calls::
+
+    import vocdet
+    cfg = vocdet.load_config(["configs/quickstart.yaml"], ["train.epochs=5"])
+    best = vocdet.train(cfg)                      # -> Path of best.ckpt
+    metrics = vocdet.evaluate(best)               # -> dict with map50, map50_95, voc07_map50, per_class
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["VOC_CLASSES", "VocdetError", "__version__", "evaluate", "load_config", "synthesize_voc", "train"]
+
+from vocdet.config import load_config
+from vocdet.errors import VocdetError
+
+if TYPE_CHECKING:
+    from vocdet.data import VOC_CLASSES
+    from vocdet.synth import synthesize_voc
+    from vocdet.training import evaluate, train
+
+_LAZY = {
+    "VOC_CLASSES": "vocdet.data",
+    "synthesize_voc": "vocdet.synth",
+    "train": "vocdet.training",
+    "evaluate": "vocdet.training",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # torch/lightning/ultralytics load on first use, so `import vocdet` and `vocdet --help` stay fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vocdet' has no attribute {name!r}")

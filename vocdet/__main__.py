@@ -1,0 +1,3 @@
+from vocdet.cli import main
+
+main()

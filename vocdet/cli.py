@@ -1,0 +1,157 @@
+"""The ``vocdet`` command line: thin Typer wrappers over the library functions.
+
+Every subcommand reads the same config tree: ``--config FILE`` (repeatable) then dotted ``KEY=VALUE`` overrides.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vocdet.errors import VocdetError
+
+app = typer.Typer(
+    name="vocdet",
+    help="Train, evaluate, export and serve YOLOv8 detectors on PASCAL VOC.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(
+    help="Get VOC data: download the official archives or synthesize a demo set.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+ConfigOpt = Annotated[
+    Optional[list[Path]],  # noqa: UP045 - Typer needs Optional here
+    typer.Option("--config", "-c", help="YAML overlay on the defaults (repeatable, applied in order)."),
+]
+OverridesArg = Annotated[
+    Optional[list[str]],  # noqa: UP045
+    typer.Argument(help="Dotted config overrides, e.g. data.imgsz=320 train.epochs=10.", show_default=False),
+]
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+    gpus: Annotated[Optional[int], typer.Option(help="Train on N CUDA GPUs with DDP.")] = None,  # noqa: UP045
+    nodes: Annotated[Optional[int], typer.Option(help="Number of nodes (multi-node DDP).")] = None,  # noqa: UP045
+    accelerator: Annotated[Optional[str], typer.Option(help="cpu|gpu|cuda|mps|auto.")] = None,  # noqa: UP045
+    devices: Annotated[Optional[int], typer.Option(help="Devices per node (DDP when > 1).")] = None,  # noqa: UP045
+) -> None:
+    """Train YOLOv8 on VOC, then evaluate the best checkpoint (writes <run.dir>/<run.name>/metrics.json)."""
+    from vocdet.config import load_config
+    from vocdet.training import train as run_train
+
+    extra = list(overrides or [])
+    if gpus is not None:
+        import torch
+
+        if gpus < 1:
+            raise VocdetError(f"--gpus must be >= 1, got {gpus}")
+        if not torch.cuda.is_available():
+            raise VocdetError(
+                f"--gpus {gpus} needs CUDA, which is not available here; "
+                f"for DDP on the CPU use --accelerator cpu --devices {gpus}"
+            )
+        if gpus > torch.cuda.device_count():
+            raise VocdetError(f"--gpus {gpus} but only {torch.cuda.device_count()} CUDA devices are visible")
+        extra += ["trainer.accelerator=gpu", f"trainer.devices={gpus}"]
+        if gpus > 1:
+            extra.append("trainer.strategy=ddp")
+    if accelerator is not None:
+        extra.append(f"trainer.accelerator={accelerator}")
+    if devices is not None:
+        extra.append(f"trainer.devices={devices}")
+        if devices > 1:
+            extra.append("trainer.strategy=ddp")
+    if nodes is not None:
+        extra += [f"trainer.num_nodes={nodes}", "trainer.strategy=ddp"]
+    cfg = load_config(config, extra)
+    best = run_train(cfg)
+    typer.echo(f"best checkpoint: {best}")
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="vocdet checkpoint to evaluate.")] = None,  # noqa: UP045
+    detections: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Score this detections JSON instead of a model (needs data.root)."),
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write the metrics JSON here.")] = None,  # noqa: UP045
+    predictions: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write the model's detections JSON here."),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Evaluate a checkpoint (or a detections file) on the validation split: COCO mAP50, mAP50-95, VOC07 mAP50."""
+    from vocdet.training import evaluate
+
+    evaluate(
+        checkpoint,
+        config_files=config,
+        overrides=overrides,
+        detections=detections,
+        output=output,
+        predictions=predictions,
+    )
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="Output folder (flat VOC layout).")],
+    images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 600,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+    size: Annotated[int, typer.Option(min=32, help="Longest image side in pixels.")] = 256,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of images in val.txt.")] = 0.2,
+) -> None:
+    """Generate a synthetic VOC-format dataset (JPEG + XML + train/val split files)."""
+    from vocdet.synth import synthesize_voc
+
+    synthesize_voc(out, images=images, seed=seed, size=size, val_fraction=val_fraction)
+    typer.echo(f"wrote {images} images to {out}")
+
+
+@data_app.command("download")
+def data_download(
+    root: Annotated[Path, typer.Option(help="Folder to download into; VOC ends up in ROOT/VOCdevkit.")],
+    keep_archives: Annotated[bool, typer.Option(help="Keep the .tar files after extraction.")] = False,
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Download VOC2007 trainval+test and VOC2012 trainval (checksummed, resumable) and extract them."""
+    from vocdet.config import load_config
+    from vocdet.download import VOC_ARCHIVES, Archive, download_voc
+
+    cfg = load_config(config, overrides)
+    archives = tuple(Archive(a["path"], a["md5"]) for a in cfg.download.archives) or VOC_ARCHIVES
+    devkit = download_voc(root, base_url=cfg.download.base_url, archives=archives, keep_archives=keep_archives)
+    typer.echo(f"VOC is ready in {devkit} (train with data.root={devkit})")
+
+
+def main() -> None:
+    """Console entry point: a ``VocdetError`` is one line on stderr and exit code 2, never a traceback."""
+    _setup_logging()
+    try:
+        app()
+    except VocdetError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,260 @@
+"""The one config tree every subcommand reads.
+
+The dataclasses below are the schema and hold every default; they *are* the reference VOC run, which
+``configs/default.yaml`` spells out (a test keeps the two equal). ``load_config`` merges, in order: the schema
+(or a checkpoint's saved config), each ``--config`` file, then dotted overrides (``data.imgsz=320``). Unknown
+keys, wrong types and missing files become a :class:`~vocdet.errors.VocdetError` naming the key and the closest
+valid ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from vocdet.errors import VocdetError
+
+VARIANTS = ("n", "s", "m", "l", "x")
+
+
+@dataclass
+class RunConfig:
+    name: str = "voc"  # outputs go to <dir>/<name>
+    dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class SynthConfig:
+    """Synthetic VOC-format data generated when ``data.root`` does not exist yet (``data.synthesize``)."""
+
+    images: int = 600
+    val_fraction: float = 0.2
+    seed: int = 0
+    size: int = 256  # longest image side in pixels
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/VOCdevkit"
+    # VOCdevkit roots: "<year>/<imageset>" entries; flat roots use "train"/"val" split files.
+    train_sets: list[str] = field(default_factory=lambda: ["2007/trainval", "2012/trainval"])
+    val_sets: list[str] = field(default_factory=lambda: ["2007/test"])
+    imgsz: int = 640
+    batch_size: int = 64  # global: split across devices
+    num_workers: int = 8
+    pin_memory: bool = True
+    cache: bool = False  # keep decoded, resized images in RAM (per worker process)
+    synthesize: bool = False  # generate a synthetic VOC set at root if it is missing
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    # Ultralytics' augmentation recipe (default.yaml of ultralytics 8.4)
+    mosaic: float = 1.0
+    close_mosaic: int = 10  # epochs at the end without mosaic
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float = 0.5
+    shear: float = 0.0
+    perspective: float = 0.0
+    fliplr: float = 0.5
+    flipud: float = 0.0
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "n"  # yolov8{n,s,m,l,x}
+    weights: str | None = None  # optional Ultralytics .pt to start from (shape-matched transfer)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    lr0: float = 0.01
+    lrf: float = 0.01  # final lr = lr0 * lrf, linear decay
+    momentum: float = 0.937
+    nesterov: bool = True
+    weight_decay: float = 0.0005
+    nbs: int = 64  # nominal batch: gradients are accumulated up to it, weight decay scaled by it
+    warmup_epochs: float = 3.0
+    warmup_bias_lr: float = 0.1
+    warmup_momentum: float = 0.8
+    box: float = 7.5
+    cls: float = 0.5
+    dfl: float = 1.5
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    grad_clip: float = 10.0
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
+    val_every: int = 1  # validate every N epochs (and always after the last)
+
+
+@dataclass
+class EvalConfig:
+    conf: float = 0.001
+    iou: float = 0.7
+    max_det: int = 300
+    multi_label: bool = True  # as Ultralytics' validator: one box may score for several classes
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    wandb_project: str = "vocdet"
+    wandb_mode: str = "offline"  # offline|online|disabled; WANDB_MODE in the environment wins
+    csv: bool = True
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class DownloadConfig:
+    base_url: str = "http://host.robots.ox.ac.uk/pascal/VOC/"
+    # [{path: <relative to base_url>, md5: <hex>}]; empty = the three official VOC archives
+    archives: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Passed as keyword arguments to lightning.Trainer (validated against its signature).
+    trainer: dict[str, Any] = field(
+        default_factory=lambda: {"accelerator": "auto", "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    )
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+
+
+def _closest(key: str, node: Any) -> str:
+    """' (did you mean: a, b?)' for an unknown dotted key, from the valid keys at the same level."""
+    parent, _, leaf = key.rpartition(".")
+    try:
+        container = OmegaConf.select(node, parent) if parent else node
+        valid = list(container.keys()) if isinstance(container, DictConfig) else []
+    except OmegaConfBaseException:
+        valid = []
+    close = difflib.get_close_matches(leaf, [str(v) for v in valid], n=3, cutoff=0.5)
+    shown = close or [str(v) for v in valid][:8]
+    if not shown:
+        return ""
+    prefix = f"{parent}." if parent else ""
+    label = "did you mean" if close else "valid keys"
+    return f" ({label}: {', '.join(prefix + s for s in shown)})"
+
+
+def _merge(base: DictConfig, other: DictConfig | dict, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except ConfigKeyError as e:
+        key = e.full_key or str(e.key)
+        raise VocdetError(f"unknown config key '{key}' in {origin}{_closest(key, base)}") from None
+    except ValidationError as e:
+        key = e.full_key or str(e.key)
+        raise VocdetError(f"invalid value for '{key}' in {origin}: {e.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise VocdetError(f"bad config in {origin}: {str(e).splitlines()[0]}") from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise VocdetError(f"override '{item}' is not KEY=VALUE (example: data.imgsz=320)")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise VocdetError(f"override '{item}' has an empty key (example: data.imgsz=320)")
+    try:
+        parsed = OmegaConf.from_dotlist([f"x={value}"]).x
+    except OmegaConfBaseException:
+        parsed = value
+    return key, parsed
+
+
+def load_config(
+    files: list[str | Path] | tuple[str | Path, ...] | str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] | None = None,
+    base: dict[str, Any] | None = None,
+) -> DictConfig:
+    """Build the typed, read-only config: schema defaults < ``base`` < each YAML file in order < dotted overrides."""
+    cfg: DictConfig = OmegaConf.structured(Config)
+    if base is not None:
+        cfg = _merge(cfg, base, "checkpoint config")
+    if isinstance(files, (str, Path)):
+        files = [files]
+    for f in files or []:
+        path = Path(f)
+        if not path.is_file():
+            raise VocdetError(f"config file not found: {path} (see configs/ for the shipped ones)")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml errors carry their own line numbers
+            raise VocdetError(f"cannot parse config file {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise VocdetError(f"config file {path} must hold a mapping of sections, not a {type(loaded).__name__}")
+        cfg = _merge(cfg, loaded, str(path))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        nested: dict[str, Any] = {}
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        cfg = _merge(cfg, nested, f"override '{item}'")
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks OmegaConf's types cannot express: enums, ranges, and the Trainer's keyword arguments."""
+    if cfg.model.variant not in VARIANTS:
+        raise VocdetError(f"model.variant must be one of {', '.join(VARIANTS)}, got '{cfg.model.variant}'")
+    if cfg.data.imgsz < 32 or cfg.data.imgsz % 32:
+        raise VocdetError(f"data.imgsz must be a positive multiple of 32 (the network stride), got {cfg.data.imgsz}")
+    if cfg.data.batch_size < 1:
+        raise VocdetError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if cfg.train.epochs < 1:
+        raise VocdetError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
+    if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
+        raise VocdetError(f"logging.wandb_mode must be offline, online or disabled, got '{cfg.logging.wandb_mode}'")
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise VocdetError(f"model.weights file not found: {cfg.model.weights}")
+    import lightning  # deferred: keeps `vocdet --help` fast
+
+    valid = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+    owned = {"callbacks", "logger", "default_root_dir", "enable_checkpointing"}  # vocdet builds these
+    for key in cfg.trainer:
+        if key in owned:
+            raise VocdetError(f"trainer.{key} is set by vocdet itself; use the run.* / logging.* keys instead")
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), sorted(valid), n=3, cutoff=0.5)
+            hint = f" (did you mean: {', '.join('trainer.' + c for c in close)})" if close else ""
+            raise VocdetError(f"unknown config key 'trainer.{key}': not a lightning.Trainer argument{hint}")
+
+
+def to_dict(cfg: DictConfig | ListConfig) -> dict[str, Any]:
+    """Plain, resolved containers (for checkpoints, loggers and JSON)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(data: dict[str, Any]) -> DictConfig:
+    """Rebuild a typed config from a checkpoint's plain dict (keys the schema no longer has are an error)."""
+    cfg = _merge(OmegaConf.structured(Config), data, "checkpoint config")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)

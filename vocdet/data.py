@@ -1,0 +1,455 @@
+"""PASCAL VOC data: XML parsing, dataset discovery, Ultralytics' augmentation recipe, collate, and the DataModule.
+
+Images are decoded with OpenCV (BGR uint8 HWC) and stay uint8 through every augmentation; the channel flip to RGB
+and the CHW transpose happen once at the end, and the float conversion happens on the accelerator.
+Boxes inside the pipeline are ``xyxy`` pixels of the current image; the collated batch carries Ultralytics'
+training format (``batch_idx (N,)``, ``cls (N, 1)``, ``bboxes (N, 4)`` normalised centre xywh).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vocdet.errors import VocdetError
+
+log = logging.getLogger("vocdet")
+
+# Standard alphabetical VOC order (aeroplane=0 ... diningtable=10, dog=11 ... tvmonitor=19).
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
+PAD_VALUE = 114  # grey used by Ultralytics for letterbox/mosaic/affine borders
+# VOC XML corners are 1-based inclusive pixels: the object spans xmin-1 .. xmax in continuous coordinates.
+VOC_OFFSET = np.float32([1, 1, 0, 0])
+
+cv2.setNumThreads(0)  # dataloader workers parallelise; OpenCV's own threads would oversubscribe the cores
+
+
+@dataclass
+class Record:
+    """One annotated image. ``boxes`` (N, 4) float32 xyxy in the XML's pixel coordinates."""
+
+    id: str
+    image: str
+    width: int
+    height: int
+    boxes: np.ndarray
+    labels: np.ndarray  # (N,) int64 class ids
+    difficult: np.ndarray  # (N,) bool
+    truncated: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (N,) bool
+
+
+def parse_voc_xml(xml_path: str | Path, image_path: str | Path | None = None) -> Record:
+    """Parse one VOC annotation file; unknown class names raise ``ValueError``."""
+    root = ET.parse(xml_path).getroot()
+    size = root.find("size")
+    width = int(float(size.findtext("width")))  # type: ignore[union-attr, arg-type]
+    height = int(float(size.findtext("height")))  # type: ignore[union-attr, arg-type]
+    boxes, labels, difficult, truncated = [], [], [], []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip().lower()
+        if name not in CLASS_INDEX:
+            raise ValueError(f"unknown class '{name}'")
+        bb = obj.find("bndbox")
+        boxes.append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])  # type: ignore[union-attr, arg-type]
+        labels.append(CLASS_INDEX[name])
+        difficult.append(int(obj.findtext("difficult") or 0) == 1)
+        truncated.append(int(obj.findtext("truncated") or 0) == 1)
+    xml_path = Path(xml_path)
+    if image_path is None:
+        image_path = xml_path.parent.parent / "JPEGImages" / (root.findtext("filename") or f"{xml_path.stem}.jpg")
+    return Record(
+        id=xml_path.stem,
+        image=str(image_path),
+        width=width,
+        height=height,
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+        labels=np.asarray(labels, np.int64),
+        difficult=np.asarray(difficult, bool),
+        truncated=np.asarray(truncated, bool),
+    )
+
+
+def _read_ids(path: Path) -> list[str]:
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def resolve_split(root: str | Path, sets: Sequence[str], split: str) -> list[tuple[Path, str]]:
+    """(directory, image id) pairs of a split.
+
+    ``root`` is either a VOCdevkit (``VOC2007/``, ``VOC2012/``; ``sets`` entries are ``"2007/trainval"``) or a flat
+    VOC directory (``Annotations/``, ``JPEGImages/``, optional ``ImageSets/Main/{train,val}.txt``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise VocdetError(
+            f"data root not found: {root} (get VOC with `vocdet data download --root DIR` and set "
+            "data.root=DIR/VOCdevkit, run `dvc pull`, or make a demo set with `vocdet data synth --out DIR`)"
+        )
+    if (root / "Annotations").is_dir():  # flat layout
+        split_file = root / "ImageSets" / "Main" / f"{split}.txt"
+        if split_file.is_file():
+            return [(root, i) for i in _read_ids(split_file)]
+        log.warning("%s has no ImageSets/Main/%s.txt: using every annotated image for %s", root, split, split)
+        return [(root, p.stem) for p in sorted((root / "Annotations").glob("*.xml"))]
+    pairs: list[tuple[Path, str]] = []
+    for entry in sets:
+        year, _, image_set = entry.partition("/")
+        d = root / f"VOC{year}"
+        split_file = d / "ImageSets" / "Main" / f"{image_set}.txt"
+        if not split_file.is_file():
+            raise VocdetError(
+                f"split file not found: {split_file} (data.{split}_sets entries look like '2007/trainval'; "
+                f"{root} should be a VOCdevkit folder or a flat folder with Annotations/ and JPEGImages/)"
+            )
+        pairs += [(d, i) for i in _read_ids(split_file)]
+    return pairs
+
+
+def load_records(pairs: Sequence[tuple[Path, str]], what: str) -> list[Record]:
+    """Parse the XML of every pair; unreadable or missing annotations/images are skipped with one warning."""
+    records, bad = [], []
+
+    def one(pair: tuple[Path, str]) -> Record | None:
+        d, i = pair
+        try:
+            rec = parse_voc_xml(d / "Annotations" / f"{i}.xml", d / "JPEGImages" / f"{i}.jpg")
+        except (OSError, ET.ParseError, ValueError, AttributeError, TypeError):
+            return None
+        if not (rec.width > 0 and rec.height > 0 and Path(rec.image).is_file()):
+            return None
+        # Decode at 1/8 scale (libjpeg scales in the DCT, so it is cheap): an undecodable image is skipped here,
+        # never discovered mid-epoch.
+        return rec if cv2.imread(rec.image, cv2.IMREAD_REDUCED_GRAYSCALE_8) is not None else None
+
+    with ThreadPoolExecutor(8) as ex:
+        for pair, rec in zip(pairs, ex.map(one, pairs)):
+            (records.append(rec) if rec is not None else bad.append(pair[1]))
+    if bad:
+        log.warning("skipped %d %s images with a missing or corrupt image/XML (first: %s)", len(bad), what, bad[:3])
+    return records
+
+
+# ----------------------------------------------------------------------------------------------- image ops
+
+
+def imread(path: str) -> np.ndarray:
+    """BGR uint8 (H, W, 3); raises ``OSError`` naming the file when it cannot be decoded."""
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise OSError(f"cannot decode image {path}")
+    return img
+
+
+def resize_long_side(img: np.ndarray, size: int, augment: bool) -> np.ndarray:
+    """Resize so the longer side is ``size`` (Ultralytics' ``load_image``)."""
+    h0, w0 = img.shape[:2]
+    r = size / max(h0, w0)
+    if r == 1:
+        return img
+    w, h = min(math.ceil(w0 * r), size), min(math.ceil(h0 * r), size)
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR if (augment or r > 1) else cv2.INTER_AREA)
+
+
+def letterbox(
+    img: np.ndarray, size: int, interpolation: int = cv2.INTER_LINEAR
+) -> tuple[np.ndarray, float, tuple[int, int]]:
+    """Resize keeping aspect ratio and pad to ``size`` x ``size`` (centred, grey).
+
+    Returns (image, ratio, (pad_left, pad_top)); a box maps as ``xyxy * ratio + pad`` (see ``unletterbox_boxes``).
+    """
+    h, w = img.shape[:2]
+    r = min(size / h, size / w)
+    nw, nh = max(round(w * r), 1), max(round(h * r), 1)
+    if (nw, nh) != (w, h):
+        img = cv2.resize(img, (nw, nh), interpolation=interpolation)
+    dw, dh = (size - nw) / 2, (size - nh) / 2
+    top, bottom = round(dh - 0.1), round(dh + 0.1)
+    left, right = round(dw - 0.1), round(dw + 0.1)
+    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+    return img, r, (left, top)
+
+
+def unletterbox_boxes(boxes: torch.Tensor, ratio: float, pad: tuple[int, int], width: int, height: int) -> torch.Tensor:
+    """Inverse of ``letterbox`` for (N, 4) xyxy boxes, clipped to the original ``width`` x ``height``."""
+    out = boxes.clone()
+    out[:, [0, 2]] = ((out[:, [0, 2]] - pad[0]) / ratio).clamp(0, width)
+    out[:, [1, 3]] = ((out[:, [1, 3]] - pad[1]) / ratio).clamp(0, height)
+    return out
+
+
+def random_hsv(img: np.ndarray, hgain: float, sgain: float, vgain: float) -> None:
+    """Ultralytics' ``RandomHSV`` in place: one LUT per channel over the HSV image."""
+    if not (hgain or sgain or vgain):
+        return
+    r = np.random.uniform(-1, 1, 3) * [hgain, sgain, vgain]
+    x = np.arange(0, 256, dtype=r.dtype)
+    lut_hue = ((x + r[0] * 180) % 180).astype(np.uint8)
+    lut_sat = np.clip(x * (r[1] + 1), 0, 255).astype(np.uint8)
+    lut_val = np.clip(x * (r[2] + 1), 0, 255).astype(np.uint8)
+    lut_sat[0] = 0
+    lut = np.stack((lut_hue, lut_sat, lut_val), -1).reshape(1, 256, 3)
+    cv2.cvtColor(cv2.LUT(cv2.cvtColor(img, cv2.COLOR_BGR2HSV), lut), cv2.COLOR_HSV2BGR, dst=img)
+
+
+def random_affine(
+    img: np.ndarray,
+    boxes: np.ndarray,
+    size: int,
+    degrees: float,
+    translate: float,
+    scale: float,
+    shear: float,
+    perspective: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ultralytics' ``RandomPerspective``: warp ``img`` about its centre into a ``size`` x ``size`` canvas.
+
+    Returns (image, boxes xyxy clipped to the canvas, keep mask over the input boxes).
+    """
+    C = np.eye(3, dtype=np.float32)
+    C[0, 2], C[1, 2] = -img.shape[1] / 2, -img.shape[0] / 2
+    P = np.eye(3, dtype=np.float32)
+    P[2, 0] = random.uniform(-perspective, perspective)
+    P[2, 1] = random.uniform(-perspective, perspective)
+    R = np.eye(3, dtype=np.float32)
+    s = random.uniform(1 - scale, 1 + scale)
+    R[:2] = cv2.getRotationMatrix2D(angle=random.uniform(-degrees, degrees), center=(0, 0), scale=s)
+    S = np.eye(3, dtype=np.float32)
+    S[0, 1] = math.tan(random.uniform(-shear, shear) * math.pi / 180)
+    S[1, 0] = math.tan(random.uniform(-shear, shear) * math.pi / 180)
+    T = np.eye(3, dtype=np.float32)
+    T[0, 2] = random.uniform(0.5 - translate, 0.5 + translate) * size
+    T[1, 2] = random.uniform(0.5 - translate, 0.5 + translate) * size
+    M = T @ S @ R @ P @ C
+    if perspective:
+        img = cv2.warpPerspective(img, M, dsize=(size, size), borderValue=(PAD_VALUE,) * 3)
+    else:
+        img = cv2.warpAffine(img, M[:2], dsize=(size, size), borderValue=(PAD_VALUE,) * 3)
+    n = len(boxes)
+    if n == 0:
+        return img, boxes, np.zeros(0, bool)
+    xy = np.ones((n * 4, 3), dtype=np.float32)
+    xy[:, :2] = boxes[:, [0, 1, 2, 3, 0, 3, 2, 1]].reshape(n * 4, 2)
+    xy = xy @ M.T
+    xy = (xy[:, :2] / xy[:, 2:3] if perspective else xy[:, :2]).reshape(n, 8)
+    x, y = xy[:, [0, 2, 4, 6]], xy[:, [1, 3, 5, 7]]
+    new = np.stack((x.min(1), y.min(1), x.max(1), y.max(1)), 1).clip(0, size).astype(np.float32)
+    # Ultralytics' box_candidates: drop boxes squashed below 2 px, to < 10% of their scaled area, or thinner than 1:100
+    w1, h1 = (boxes[:, 2] - boxes[:, 0]) * s, (boxes[:, 3] - boxes[:, 1]) * s
+    w2, h2 = new[:, 2] - new[:, 0], new[:, 3] - new[:, 1]
+    ar = np.maximum(w2 / (h2 + 1e-16), h2 / (w2 + 1e-16))
+    keep = (w2 > 2) & (h2 > 2) & (w2 * h2 / (w1 * h1 + 1e-16) > 0.1) & (ar < 100)
+    return img, new[keep], keep
+
+
+# ----------------------------------------------------------------------------------------------- datasets
+
+
+class VOCDataset(Dataset):
+    """VOC images for training (``augment=True``: mosaic/affine/HSV/flip) or validation (letterbox only).
+
+    Training items: ``img`` uint8 (3, S, S) RGB, ``cls`` (n,), ``boxes`` (n, 4) xyxy in the S x S canvas.
+    Validation items additionally carry the original size, letterbox ratio/pad and the untouched ground truth.
+    Difficult objects are kept for evaluation and dropped from the training targets (as Ultralytics does).
+    """
+
+    def __init__(self, records: list[Record], imgsz: int, augment: bool, hyp: Any = None, cache: bool = False):
+        self.records = records
+        self.imgsz = imgsz
+        self.augment = augment
+        self.hyp = hyp
+        # A shared-memory flag, so persistent worker processes see close_mosaic without being restarted.
+        self.mosaic_on = torch.ones(1, dtype=torch.uint8).share_memory_()
+        self.cache: list[np.ndarray] | None = None
+        if cache:
+            with ThreadPoolExecutor(8) as ex:  # cv2 releases the GIL while decoding
+                self.cache = list(ex.map(self._load_resized, range(len(records))))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _load_resized(self, i: int) -> np.ndarray:
+        return resize_long_side(imread(self.records[i].image), self.imgsz, self.augment)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image resized so its long side is imgsz, with its training boxes (scaled) and class ids."""
+        img = self.cache[i] if self.cache is not None else self._load_resized(i)
+        rec = self.records[i]
+        keep = ~rec.difficult
+        sx, sy = img.shape[1] / rec.width, img.shape[0] / rec.height  # per axis: the short side was rounded
+        boxes = (rec.boxes[keep] - VOC_OFFSET) * np.float32([sx, sy, sx, sy])
+        return img, boxes, rec.labels[keep]
+
+    def close_mosaic(self) -> None:
+        self.mosaic_on.fill_(0)
+
+    def _mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s = self.imgsz
+        yc, xc = (int(random.uniform(s // 2, 2 * s - s // 2)) for _ in range(2))
+        canvas = np.full((2 * s, 2 * s, 3), PAD_VALUE, dtype=np.uint8)
+        all_boxes, all_cls = [], []
+        for k, i in enumerate([index, *random.choices(range(len(self)), k=3)]):
+            img, boxes, cls = self.load(i)
+            h, w = img.shape[:2]
+            if k == 0:  # top left
+                x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
+                x1b, y1b, x2b, y2b = w - (x2a - x1a), h - (y2a - y1a), w, h
+            elif k == 1:  # top right
+                x1a, y1a, x2a, y2a = xc, max(yc - h, 0), min(xc + w, s * 2), yc
+                x1b, y1b, x2b, y2b = 0, h - (y2a - y1a), min(w, x2a - x1a), h
+            elif k == 2:  # bottom left
+                x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(s * 2, yc + h)
+                x1b, y1b, x2b, y2b = w - (x2a - x1a), 0, w, min(y2a - y1a, h)
+            else:  # bottom right
+                x1a, y1a, x2a, y2a = xc, yc, min(xc + w, s * 2), min(s * 2, yc + h)
+                x1b, y1b, x2b, y2b = 0, 0, min(w, x2a - x1a), min(y2a - y1a, h)
+            canvas[y1a:y2a, x1a:x2a] = img[y1b:y2b, x1b:x2b]
+            all_boxes.append(boxes + np.float32([x1a - x1b, y1a - y1b] * 2))
+            all_cls.append(cls)
+        boxes = np.concatenate(all_boxes).clip(0, 2 * s)
+        return canvas, boxes, np.concatenate(all_cls)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rec = self.records[index]
+        if not self.augment:
+            img = imread(rec.image)
+            # Shrink with INTER_AREA like Ultralytics' validator (sharper than bilinear when downscaling).
+            interp = cv2.INTER_AREA if max(img.shape[:2]) > self.imgsz else cv2.INTER_LINEAR
+            img, ratio, pad = letterbox(img, self.imgsz, interp)
+            return {
+                "img": _to_chw_rgb(img),
+                "id": rec.id,
+                "orig_size": (rec.height, rec.width),
+                "ratio": ratio,
+                "pad": pad,
+                "gt": (rec.boxes, rec.labels, rec.difficult),
+            }
+        h = self.hyp
+        if self.mosaic_on.item() and random.random() < h.mosaic:
+            img, boxes, cls = self._mosaic(index)
+        else:
+            img, boxes, cls = self.load(index)
+            img, ratio, pad = letterbox(img, self.imgsz)
+            boxes = boxes * ratio + np.float32([pad[0], pad[1]] * 2)
+        img, boxes, keep = random_affine(
+            img, boxes, self.imgsz, h.degrees, h.translate, h.scale, h.shear, h.perspective
+        )
+        cls = cls[keep]
+        random_hsv(img, h.hsv_h, h.hsv_s, h.hsv_v)
+        if random.random() < h.flipud:
+            img = img[::-1]
+            boxes[:, [1, 3]] = self.imgsz - boxes[:, [3, 1]]
+        if random.random() < h.fliplr:
+            img = img[:, ::-1]
+            boxes[:, [0, 2]] = self.imgsz - boxes[:, [2, 0]]
+        return {"img": _to_chw_rgb(img), "cls": cls, "boxes": boxes}
+
+
+def _to_chw_rgb(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)[::-1]))
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images (uint8, B x 3 x S x S) and build Ultralytics' target format.
+
+    ``batch_idx`` (N,), ``cls`` (N, 1), ``bboxes`` (N, 4) normalised centre xywh; validation batches also carry
+    ``ids``, ``orig_size``, ``ratio``, ``pad`` and ``gt`` (list of (boxes, labels, difficult) in XML coordinates).
+    """
+    imgs = torch.stack([it["img"] for it in items])
+    batch: dict[str, Any] = {"img": imgs}
+    if "boxes" in items[0]:
+        size = imgs.shape[-1]
+        boxes = np.concatenate([it["boxes"] for it in items]).reshape(-1, 4)
+        cls = np.concatenate([it["cls"] for it in items])
+        idx = np.concatenate([np.full(len(it["cls"]), i) for i, it in enumerate(items)])
+        xywh = np.empty_like(boxes)
+        xywh[:, :2] = (boxes[:, :2] + boxes[:, 2:]) / (2 * size)
+        xywh[:, 2:] = (boxes[:, 2:] - boxes[:, :2]) / size
+        batch.update(
+            batch_idx=torch.from_numpy(idx).float(),
+            cls=torch.from_numpy(cls).float().view(-1, 1),
+            bboxes=torch.from_numpy(xywh).float(),
+        )
+    else:
+        for key in ("id", "orig_size", "ratio", "pad", "gt"):
+            batch[key + ("s" if key == "id" else "")] = [it[key] for it in items]
+    return batch
+
+
+class VOCDataModule(L.LightningDataModule):
+    """VOC07+12 trainval -> VOC07 test by default; ``data.*`` config keys (see ``vocdet.config.DataConfig``)."""
+
+    def __init__(self, data_cfg: Any, seed: int = 0):
+        super().__init__()
+        self.cfg = data_cfg
+        self.seed = seed
+        self.train_set: VOCDataset | None = None
+        self.val_set: VOCDataset | None = None
+
+    def prepare_data(self) -> None:
+        root = Path(self.cfg.root)
+        if self.cfg.synthesize and not root.exists():
+            from vocdet.synth import synthesize_voc
+
+            s = self.cfg.synth
+            synthesize_voc(root, images=s.images, seed=s.seed, size=s.size, val_fraction=s.val_fraction)
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None) and self.train_set is None:
+            recs = load_records(resolve_split(self.cfg.root, self.cfg.train_sets, "train"), "train")
+            if not recs:
+                raise VocdetError(f"no usable training images under {self.cfg.root}")
+            self.train_set = VOCDataset(recs, self.cfg.imgsz, augment=True, hyp=self.cfg, cache=self.cfg.cache)
+        if self.val_set is None:
+            recs = load_records(resolve_split(self.cfg.root, self.cfg.val_sets, "val"), "val")
+            if not recs:
+                raise VocdetError(f"no usable validation images under {self.cfg.root}")
+            self.val_set = VOCDataset(recs, self.cfg.imgsz, augment=False)
+
+    def per_device_batch(self) -> int:
+        world = self._world_size()
+        if self.cfg.batch_size % world:
+            raise VocdetError(
+                f"data.batch_size={self.cfg.batch_size} is the global batch and must divide by the {world} devices"
+            )
+        return self.cfg.batch_size // world
+
+    def _loader(self, dataset: VOCDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            collate_fn=collate,
+            persistent_workers=workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        return self._loader(self.train_set, self.per_device_batch(), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None
+        return self._loader(self.val_set, self.per_device_batch() * 2, shuffle=False)

@@ -1,0 +1,267 @@
+"""``DetectionModule``: the training system around a YOLOv8 ``DetectionModel``.
+
+It reproduces Ultralytics' trainer recipe explicitly: SGD (nesterov) with three parameter groups, weight decay
+scaled to the nominal batch with gradient accumulation up to it, per-iteration warmup (bias lr falls from
+``warmup_bias_lr``, the others rise from 0, momentum rises from ``warmup_momentum``), linear decay to ``lrf``,
+gradient-norm clipping, and an EMA of the weights that is validated and saved. Optimisation is manual because
+accumulation changes during warmup, which Lightning's automatic loop cannot express.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from copy import deepcopy
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vocdet.config import from_dict
+from vocdet.data import VOC_CLASSES, VOC_OFFSET, unletterbox_boxes
+from vocdet.metrics import GroundTruth, Predictions, evaluate_detections, fitness
+from vocdet.yolo import build_loss, build_model, non_max_suppression
+
+
+class ModelEMA:
+    """Exponential moving average of every floating-point tensor in a model's state dict (Ultralytics' ModelEMA).
+
+    decay(updates) = decay * (1 - exp(-updates / tau)): the average follows the model closely early on.
+    """
+
+    def __init__(self, ema: nn.Module, decay: float, tau: float):
+        self.ema, self.decay, self.tau = ema, decay, tau
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, updates: int) -> None:
+        d = self.decay * (1 - math.exp(-updates / self.tau))
+        if self._pairs is None or self._pairs[0][0].device != next(model.parameters()).device:
+            msd = model.state_dict()
+            pairs = [(v, msd[k]) for k, v in self.ema.state_dict().items() if v.dtype.is_floating_point]
+            self._pairs = [p[0] for p in pairs], [p[1] for p in pairs]
+        torch._foreach_lerp_(self._pairs[0], self._pairs[1], 1 - d)  # one fused kernel per op, not per tensor
+
+
+class DetectionModule(L.LightningModule):
+    """YOLOv8 + ``v8DetectionLoss`` + EMA + the Ultralytics optimisation recipe.
+
+    Args:
+        config: the resolved config tree as a plain dict (``vocdet.config.to_dict``); saved as the only
+            hyperparameter so ``load_from_checkpoint`` rebuilds the module from the checkpoint alone.
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"config": config})
+        self.cfg = from_dict(config)
+        self.class_names = list(VOC_CLASSES)
+        self.model = build_model(self.cfg.model.variant, len(self.class_names))
+        self.ema_model: nn.Module | None = None
+        if self.cfg.train.ema:
+            self.ema_model = deepcopy(self.model).eval()
+            self.ema_model.requires_grad_(False)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.automatic_optimization = False
+        self.criterion: Any = None
+        self._ema: ModelEMA | None = None
+        self._last_opt_step = -1
+        self._epoch_start, self._epoch_images = time.perf_counter(), 0
+        self._val_preds: dict[str, Predictions] = {}
+        self._val_gts: dict[str, GroundTruth] = {}
+        self.last_metrics: dict[str, Any] | None = None
+        self.last_predictions: dict[str, Predictions] = {}
+
+    # ------------------------------------------------------------------------------------------- model
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """uint8 or float (B, 3, H, W) RGB -> raw detections (B, 4 + nc, anchors) from the EMA (eval) weights."""
+        net = self.ema_model if self.ema_model is not None else self.model
+        return net(_normalise(img))[0]
+
+    def _criterion(self) -> Any:
+        if self.criterion is None or self.criterion.device != self.device:
+            t = self.cfg.train
+            self.criterion = build_loss(self.model, t.box, t.cls, t.dfl)
+        return self.criterion
+
+    # ------------------------------------------------------------------------------------------- schedule
+    def _global_batch(self) -> int:
+        return self.cfg.data.batch_size
+
+    def nominal_accumulate(self) -> int:
+        acc = max(round(self.cfg.train.nbs / self._global_batch()), 1)
+        trainer = self._trainer  # None outside fit (tests, notebooks)
+        if trainer is not None and trainer.num_training_batches not in (0, float("inf")):
+            acc = min(acc, int(trainer.num_training_batches) * self.cfg.train.epochs)
+        return acc
+
+    def lr_factor(self, epoch: int) -> float:
+        """Linear decay from 1 to ``lrf`` over the run (Ultralytics' ``lf``)."""
+        return max(1 - epoch / self.cfg.train.epochs, 0) * (1.0 - self.cfg.train.lrf) + self.cfg.train.lrf
+
+    def schedule(self, ni: int, epoch: int, nb: int) -> tuple[int, list[float], float]:
+        """(accumulate, lr per param group [bias, weight, bn], momentum) at iteration ``ni`` of epoch ``epoch``."""
+        t = self.cfg.train
+        acc0 = self.nominal_accumulate()
+        target = t.lr0 * self.lr_factor(epoch)
+        warm = min(t.warmup_epochs, max(t.epochs - 1, 0))
+        nw = round(warm * nb) if warm > 0 else 0
+        if nw and ni <= nw:
+            xi = [0, nw]
+            acc = max(1, int(np.interp(ni, xi, [1, acc0]).round()))
+            lrs = [float(np.interp(ni, xi, [start, target])) for start in (t.warmup_bias_lr, 0.0, 0.0)]
+            return acc, lrs, float(np.interp(ni, xi, [t.warmup_momentum, t.momentum]))
+        return acc0, [target] * 3, t.momentum
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        bias, decay, no_decay = [], [], []
+        norm_types = tuple(v for k, v in nn.__dict__.items() if "Norm" in k)
+        for module in self.model.modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if "bias" in pname:
+                    bias.append(p)
+                elif isinstance(module, norm_types):
+                    no_decay.append(p)
+                else:
+                    decay.append(p)
+        wd = t.weight_decay * self._global_batch() * self.nominal_accumulate() / t.nbs
+        common = {"lr": t.lr0, "momentum": t.momentum, "nesterov": t.nesterov}
+        return torch.optim.SGD(
+            [
+                {"params": bias, "weight_decay": 0.0, "param_group": "bias", **common},
+                {"params": decay, "weight_decay": wd, "param_group": "weight", **common},
+                {"params": no_decay, "weight_decay": 0.0, "param_group": "bn", **common},
+            ],
+            **common,
+        )
+
+    # ------------------------------------------------------------------------------------------- training
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Ultralytics' v8 detection loss of the training network on a collated batch.
+
+        Returns the scalar sum (box + cls + dfl, each times the batch size, as Ultralytics back-propagates it)
+        and the detached per-image components.
+        """
+        loss, items = self._criterion()(self.model(_normalise(batch["img"])), batch)
+        return loss.sum(), items
+
+    def on_fit_start(self) -> None:
+        if self.ema_model is not None:
+            self._ema = ModelEMA(self.ema_model, self.cfg.train.ema_decay, self.cfg.train.ema_tau)
+        self._last_opt_step = -1
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start, self._epoch_images = time.perf_counter(), 0
+        d = self.cfg.data
+        dm = getattr(self.trainer, "datamodule", None)
+        if d.close_mosaic and self.current_epoch >= self.cfg.train.epochs - d.close_mosaic and dm is not None:
+            dm.train_set.close_mosaic()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        nb = int(self.trainer.num_training_batches)
+        ni = batch_idx + nb * self.current_epoch
+        accumulate, lrs, momentum = self.schedule(ni, self.current_epoch, nb)
+        for group, lr in zip(opt.param_groups, lrs):
+            group["lr"], group["momentum"] = lr, momentum
+
+        loss, items = self.compute_loss(batch)
+        # Ultralytics' loss is a per-batch sum; DDP averages gradients, so scale back to a sum over all ranks.
+        loss = loss * self.trainer.world_size
+        self.manual_backward(loss)
+
+        if ni - self._last_opt_step >= accumulate:
+            if self.cfg.train.grad_clip > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.cfg.train.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            self._last_opt_step = ni
+            if self._ema is not None:
+                self.ema_updates += 1
+                self._ema.update(self.model, int(self.ema_updates))
+
+        bs = batch["img"].shape[0]
+        self._epoch_images += bs
+        vals = {f"train/{k}": v for k, v in items.items()}
+        self.log_dict(vals, on_step=True, on_epoch=True, batch_size=bs, prog_bar=False)
+        self.log("train/loss", sum(items.values()), on_step=True, on_epoch=True, batch_size=bs, prog_bar=True)
+        self.log_dict({f"lr/{g['param_group']}": g["lr"] for g in opt.param_groups}, on_step=True, batch_size=bs)
+        return loss.detach()
+
+    def on_train_epoch_end(self) -> None:
+        # Throughput of this rank's training loop (data wait included), the figure to compare runs by.
+        seconds = time.perf_counter() - self._epoch_start
+        self.log("train/img_per_s", self._epoch_images / max(seconds, 1e-9), prog_bar=True)
+        self.log("train/epoch_seconds", seconds)
+
+    # ------------------------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_preds, self._val_gts = {}, {}
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        e = self.cfg.eval
+        net = self.ema_model if self.ema_model is not None else self.model
+        net.eval()
+        raw = net(_normalise(batch["img"]))[0]
+        dets = non_max_suppression(raw, e.conf, e.iou, e.max_det, multi_label=e.multi_label)
+        for det, image_id, (h, w), ratio, pad, gt in zip(
+            dets, batch["ids"], batch["orig_size"], batch["ratio"], batch["pad"], batch["gt"]
+        ):
+            boxes = unletterbox_boxes(det[:, :4], ratio, pad, w, h).cpu().numpy() + VOC_OFFSET
+            self._val_preds[image_id] = Predictions(
+                boxes=boxes, scores=det[:, 4].cpu().numpy(), labels=det[:, 5].cpu().numpy().astype(np.int64)
+            )
+            self._val_gts[image_id] = GroundTruth(boxes=gt[0], labels=gt[1], difficult=gt[2])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        preds, gts = self._val_preds, self._val_gts
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # The distributed sampler pads ranks with repeated images: merging by image id counts each once.
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (preds, gts))
+            preds, gts = {}, {}
+            for p, g in gathered:
+                preds.update(p)
+                gts.update(g)
+        result = evaluate_detections(gts, preds, self.class_names)
+        result["image_ids"] = sorted(gts)
+        self.last_metrics, self.last_predictions = result, preds
+        self._val_preds, self._val_gts = {}, {}
+        # Every rank holds the same numbers, so no reduction is needed (and none would be exact).
+        self.log_dict(
+            {
+                "val/map50": result["map50"],
+                "val/map50_95": result["map50_95"],
+                "val/voc07_map50": result["voc07_map50"],
+                "fitness": fitness(result),
+            },
+            prog_bar=True,
+            sync_dist=False,
+        )
+
+    # ------------------------------------------------------------------------------------------- checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        import ultralytics
+
+        from vocdet import __version__
+
+        checkpoint["vocdet"] = {
+            "version": __version__,
+            "ultralytics": ultralytics.__version__,
+            "config": self.hparams["config"],
+            "class_names": self.class_names,
+            "imgsz": self.cfg.data.imgsz,
+            "eval": dict(self.hparams["config"]["eval"]),
+        }
+
+
+def _normalise(img: torch.Tensor) -> torch.Tensor:
+    """uint8 0-255 -> float 0-1 on the device (the copy to the device stays 4x smaller as uint8)."""
+    return img.float().div_(255) if img.dtype == torch.uint8 else img

@@ -1,0 +1,249 @@
+"""``train(cfg)`` and ``evaluate(...)``: plain functions the CLI, notebooks and tests call; one ``build_trainer``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from vocdet.config import from_dict, load_config, save_config, to_dict
+from vocdet.data import CLASS_INDEX, VOC_CLASSES, VOCDataModule, load_records, resolve_split
+from vocdet.errors import VocdetError
+from vocdet.metrics import GroundTruth, Predictions, evaluate_detections, format_table
+from vocdet.module import DetectionModule
+from vocdet.yolo import load_pretrained
+
+log = logging.getLogger("vocdet")
+
+# The EMA copy is deliberately in eval mode; Lightning's notice about it (and its own pytree deprecation) is noise.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.run.dir) / cfg.run.name
+
+
+def _precision(cfg: DictConfig, trainer_kwargs: dict[str, Any]) -> str:
+    if "precision" in trainer_kwargs:
+        return str(trainer_kwargs.pop("precision"))
+    accel = str(trainer_kwargs.get("accelerator", "auto"))
+    cuda = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
+    if cfg.train.amp and cuda:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = False) -> L.Trainer:
+    """A ``lightning.Trainer`` from ``cfg.trainer`` plus vocdet's callbacks and loggers.
+
+    Training gets ``best.ckpt`` (max fitness) and ``last.ckpt`` under ``<run>/checkpoints``, a CSV logger and
+    (unless ``logging.wandb=false``) W&B, offline unless configured online.
+    """
+    kwargs = dict(to_dict(cfg.trainer))
+    kwargs["precision"] = _precision(cfg, kwargs)
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    kwargs.setdefault("log_every_n_steps", cfg.logging.log_every_n_steps)
+    if evaluating:
+        return L.Trainer(logger=False, enable_checkpointing=False, **kwargs)
+    assert out_dir is not None
+    kwargs.setdefault("max_epochs", cfg.train.epochs)
+    kwargs.setdefault("check_val_every_n_epoch", cfg.train.val_every)
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=out_dir / "checkpoints",
+            filename="best",
+            monitor="fitness",
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+            auto_insert_metric_name=False,
+        )
+    ]
+    loggers: list[Any] = []
+    if cfg.logging.csv:
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers.append(CSVLogger(out_dir, name="", version="csv"))
+    if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        # The environment wins so a user can go online without editing configs; never a key in code or config.
+        mode = os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                project=cfg.logging.wandb_project,
+                name=cfg.run.name,
+                save_dir=str(out_dir),
+                offline=mode == "offline",
+                config=to_dict(cfg),
+            )
+        )
+    return L.Trainer(default_root_dir=str(out_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train, then evaluate the best checkpoint; writes ``<run>/metrics.json`` and returns the best checkpoint."""
+    out = run_dir(cfg)
+    if not cfg.data.synthesize:
+        resolve_split(cfg.data.root, cfg.data.train_sets, "train")  # a missing root fails before any logger starts
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    if rank_zero_only.rank == 0:
+        save_config(cfg, out / "config.yaml")
+    datamodule = VOCDataModule(cfg.data, seed=cfg.run.seed)
+    module = DetectionModule(to_dict(cfg))
+    if cfg.model.weights:
+        matched, total = load_pretrained(module.model, cfg.model.weights)
+        if module.ema_model is not None:
+            module.ema_model.load_state_dict(module.model.state_dict())
+        log.info("transferred %d/%d tensors from %s", matched, total, cfg.model.weights)
+    trainer = build_trainer(cfg, out)
+    trainer.fit(module, datamodule=datamodule)
+    ckpt_cb = trainer.checkpoint_callback
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else out / "checkpoints" / "last.ckpt"
+    trainer.validate(module, datamodule=datamodule, ckpt_path=str(best), verbose=False)
+    _report(module, cfg, out / "metrics.json", None, best)
+    return best
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a vocdet checkpoint on the CPU; a missing, corrupt or foreign file is a one-line ``VocdetError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise VocdetError(f"checkpoint not found: {path}")
+    try:
+        # weights_only: a checkpoint never gets to run code while it is being read.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise VocdetError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "vocdet" not in ckpt or "state_dict" not in ckpt:
+        raise VocdetError(f"{path} is not a vocdet checkpoint (train one with `vocdet train`)")
+    return ckpt
+
+
+def evaluate(
+    checkpoint: str | Path | None = None,
+    *,
+    config_files: list[str | Path] | None = None,
+    overrides: list[str] | None = None,
+    detections: str | Path | None = None,
+    output: str | Path | None = None,
+    predictions: str | Path | None = None,
+) -> dict[str, Any]:
+    """Score a checkpoint on the validation split (``data.val_sets``), or score a detections JSON file.
+
+    With a checkpoint the config stored in it is the base and ``config_files``/``overrides`` apply on top
+    (e.g. ``data.root=...``). Returns the metrics dict (also written to ``output`` when given).
+    """
+    if (checkpoint is None) == (detections is None):
+        raise VocdetError("give exactly one of --checkpoint or --detections")
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        cfg = load_config(config_files, overrides, base=ckpt["vocdet"]["config"])
+        module = DetectionModule(to_dict(cfg))
+        module.load_state_dict(ckpt["state_dict"])
+        trainer = build_trainer(cfg, None, evaluating=True)
+        trainer.validate(module, datamodule=VOCDataModule(cfg.data, seed=cfg.run.seed), verbose=False)
+        return _report(module, cfg, output, predictions, Path(checkpoint))
+    cfg = load_config(config_files, overrides)
+    records = load_records(resolve_split(cfg.data.root, cfg.data.val_sets, "val"), "val")
+    gts = {r.id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}
+    preds = read_detections(detections, set(gts))  # type: ignore[arg-type]
+    result = evaluate_detections(gts, preds, list(VOC_CLASSES))
+    result["image_ids"] = sorted(gts)
+    result["data_root"] = str(cfg.data.root)
+    _write_json(output, result)
+    print(format_table(result))
+    return result
+
+
+@rank_zero_only
+def _report(
+    module: DetectionModule, cfg: DictConfig, output: str | Path | None, predictions: str | Path | None, ckpt: Path
+) -> dict[str, Any]:
+    result = dict(module.last_metrics or {})
+    result["data_root"] = str(cfg.data.root)
+    result["checkpoint"] = str(ckpt)
+    _write_json(output, result)
+    if predictions:
+        write_detections(predictions, module.last_predictions, module.class_names)
+    print(format_table(result))
+    return result
+
+
+def _write_json(path: str | Path | None, data: Any) -> None:
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)  # never a half-written file
+
+
+def write_detections(path: str | Path, preds: dict[str, Predictions], class_names: list[str]) -> None:
+    """The detections JSON: ``[{"image_id", "class", "score", "bbox": [x1, y1, x2, y2]}]`` in XML pixels."""
+    rows = [
+        {"image_id": image_id, "class": class_names[int(c)], "score": float(s), "bbox": [float(v) for v in b]}
+        for image_id in sorted(preds)
+        for b, s, c in zip(preds[image_id].boxes, preds[image_id].scores, preds[image_id].labels)
+    ]
+    _write_json(path, rows)
+
+
+def read_detections(path: str | Path, known_ids: set[str]) -> dict[str, Predictions]:
+    """Parse a detections JSON file; malformed rows are a one-line error naming the row."""
+    path = Path(path)
+    if not path.is_file():
+        raise VocdetError(f"detections file not found: {path}")
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise VocdetError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(rows, list):
+        raise VocdetError(f"{path} must hold a JSON list of detections")
+    grouped: dict[str, list[tuple[list[float], float, int]]] = {}
+    unknown = set()
+    for n, row in enumerate(rows):
+        try:
+            image_id, cls, score, bbox = str(row["image_id"]), row["class"], float(row["score"]), row["bbox"]
+            box = [float(v) for v in bbox]
+            if len(box) != 4:
+                raise ValueError("bbox needs 4 numbers")
+        except (KeyError, TypeError, ValueError) as e:
+            raise VocdetError(
+                f"{path}: detection #{n} is malformed ({e}); expected "
+                '{"image_id": str, "class": str, "score": float, "bbox": [x1, y1, x2, y2]}'
+            ) from None
+        if cls not in CLASS_INDEX:
+            raise VocdetError(
+                f"{path}: detection #{n} has unknown class '{cls}' (VOC classes: {', '.join(VOC_CLASSES)})"
+            )
+        if image_id not in known_ids:
+            unknown.add(image_id)
+            continue
+        grouped.setdefault(image_id, []).append((box, score, CLASS_INDEX[cls]))
+    if unknown:
+        log.warning("%d image ids in %s are not in the validation split and were ignored", len(unknown), path)
+    return {
+        k: Predictions(
+            boxes=np.asarray([r[0] for r in v], np.float64).reshape(-1, 4),
+            scores=np.asarray([r[1] for r in v], np.float64),
+            labels=np.asarray([r[2] for r in v], np.int64),
+        )
+        for k, v in grouped.items()
+    }
+
+
+__all__ = ["build_trainer", "evaluate", "from_dict", "load_checkpoint", "run_dir", "train"]

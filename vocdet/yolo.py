@@ -1,0 +1,131 @@
+"""The only module that imports ultralytics: network, loss, pretrained transfer, box ops and NMS.
+
+Box formats: ``xyxy`` = (x1, y1, x2, y2) corners in pixels; ``xywhn`` = (cx, cy, w, h) normalised to [0, 1].
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from vocdet.errors import VocdetError
+
+# Ultralytics must neither download nor pip-install at run time, nor write into the home directory.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+os.environ.setdefault("YOLO_VERBOSE", "0")
+if "YOLO_CONFIG_DIR" not in os.environ:
+    _cfg_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vocdet" / "ultralytics"
+    _cfg_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["YOLO_CONFIG_DIR"] = str(_cfg_dir)
+
+_threads = torch.get_num_threads()
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+from ultralytics.utils.loss import v8DetectionLoss  # noqa: E402
+
+# Importing ultralytics can leave torch on one thread (measured 1.7x slower on CPU): restore it.
+torch.set_num_threads(_threads)
+
+
+def build_model(variant: str = "n", num_classes: int = 20) -> DetectionModel:
+    """A freshly initialised YOLOv8 ``DetectionModel`` from ``yolov8{variant}.yaml`` with ``num_classes`` outputs."""
+    return DetectionModel(f"yolov8{variant}.yaml", nc=num_classes, verbose=False)
+
+
+def load_pretrained(model: nn.Module, weights: str | Path) -> tuple[int, int]:
+    """Copy every shape-matching tensor of an Ultralytics ``.pt`` into ``model``; returns (matched, total).
+
+    An 80-class COCO checkpoint transfers everything but the class-logit convolutions, which keep their fresh
+    initialisation for 20 classes.
+    """
+    try:
+        # Ultralytics checkpoints pickle the whole model object, so weights_only=False is required here;
+        # only load files you trust (the same rule Ultralytics applies).
+        ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise VocdetError(f"cannot read model.weights {weights}: {type(e).__name__}: {e}") from None
+    src = ckpt
+    if isinstance(ckpt, dict):
+        src = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
+    if src is None:
+        raise VocdetError(f"model.weights {weights} is not an Ultralytics checkpoint (no 'model' or 'ema' entry)")
+    src_sd = src.float().state_dict() if isinstance(src, nn.Module) else dict(src)
+    dst_sd = model.state_dict()
+    matched = {k: v for k, v in src_sd.items() if k in dst_sd and v.shape == dst_sd[k].shape}
+    model.load_state_dict(matched, strict=False)
+    return len(matched), len(dst_sd)
+
+
+def build_loss(model: DetectionModel, box: float, cls: float, dfl: float) -> v8DetectionLoss:
+    """Ultralytics' ``v8DetectionLoss`` for ``model`` (built on the model's current device).
+
+    It reads the gains as attributes of ``model.args`` (a dict fails), so they are set as a namespace.
+    Calling it returns ``(loss[3] * batch_size, loss[3].detach())`` for (box, cls, dfl).
+    """
+    model.args = SimpleNamespace(box=box, cls=cls, dfl=dfl)
+    return v8DetectionLoss(model)
+
+
+def xyxy_to_xywhn(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(N, 4) xyxy pixels -> (N, 4) normalised centre xywh."""
+    out = np.empty_like(boxes, dtype=np.float32)
+    out[:, 0] = (boxes[:, 0] + boxes[:, 2]) / (2 * width)
+    out[:, 1] = (boxes[:, 1] + boxes[:, 3]) / (2 * height)
+    out[:, 2] = (boxes[:, 2] - boxes[:, 0]) / width
+    out[:, 3] = (boxes[:, 3] - boxes[:, 1]) / height
+    return out
+
+
+def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., 4) centre xywh -> (..., 4) xyxy, same units."""
+    xy, wh = boxes[..., :2], boxes[..., 2:4] / 2
+    return torch.cat((xy - wh, xy + wh), -1)
+
+
+def non_max_suppression(
+    preds: torch.Tensor,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    max_det: int = 300,
+    multi_label: bool = False,
+    max_nms: int = 30000,
+) -> list[torch.Tensor]:
+    """Per-image class-aware NMS (torchvision ``batched_nms``) of raw YOLOv8 outputs.
+
+    Args:
+        preds: (B, 4 + nc, A) as the Detect head emits in eval mode: centre xywh in input pixels, then
+            sigmoid class scores.
+        multi_label: keep every (box, class) pair above ``conf`` (Ultralytics' validator does this), else only
+            each box's best class (its predictor does this).
+
+    Returns:
+        B tensors of shape (n, 6): x1, y1, x2, y2, score, class_id, in input (letterboxed) pixels, sorted by score.
+    """
+    preds = preds.float().transpose(1, 2)  # (B, A, 4 + nc)
+    out = []
+    for p in preds:
+        boxes, scores = xywh_to_xyxy(p[:, :4]), p[:, 4:]
+        if multi_label:
+            i, j = (scores > conf).nonzero(as_tuple=True)
+            boxes, score, cls = boxes[i], scores[i, j], j
+        else:
+            score, cls = scores.max(1)
+            keep = score > conf
+            boxes, score, cls = boxes[keep], score[keep], cls[keep]
+        if score.numel() > max_nms:  # bound NMS cost on a degenerate (untrained) model
+            top = score.topk(max_nms).indices
+            boxes, score, cls = boxes[top], score[top], cls[top]
+        keep = torchvision.ops.batched_nms(boxes, score, cls, iou)[:max_det]
+        out.append(torch.cat((boxes[keep], score[keep, None], cls[keep, None].float()), 1))
+    return out
+
+
+def model_info(model: nn.Module) -> dict[str, Any]:
+    return {"parameters": sum(p.numel() for p in model.parameters()), "stride": int(model.stride.max())}
