@@ -74,6 +74,34 @@ def test_eval_checkpoint_and_detections_file_agree(trained: Path, tmp_path: Path
     for key in ("map50", "map50_95", "voc07_map50"):
         assert from_file[key] == pytest.approx(from_ckpt[key], abs=1e-6)
 
+    # And the model's own detections scored by real pycocotools and the devkit transcription agree.
+    import numpy as np
+
+    from tests.test_metrics import VOC_CLASSES, coco_reference, voc_reference
+    from vocdet.data import load_records, resolve_split
+    from vocdet.metrics import GroundTruth, Predictions
+
+    gts = {
+        r.id: GroundTruth(r.boxes.astype(float), r.labels, r.difficult)
+        for r in load_records(resolve_split(from_ckpt["data_root"], [], "val"), "val")
+    }
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault(row["image_id"], []).append(row)
+    preds_ref = {
+        k: Predictions(
+            np.array([r["bbox"] for r in v], float),
+            np.array([r["score"] for r in v]),
+            np.array([VOC_CLASSES.index(r["class"]) for r in v]),
+        )
+        for k, v in grouped.items()
+    }
+    map50_95, map50, _, _ = coco_reference(gts, preds_ref, list(VOC_CLASSES))
+    voc_map, _ = voc_reference(gts, preds_ref, list(VOC_CLASSES))
+    assert from_ckpt["map50"] == pytest.approx(map50, abs=1e-3)
+    assert from_ckpt["map50_95"] == pytest.approx(map50_95, abs=1e-3)
+    assert from_ckpt["voc07_map50"] == pytest.approx(voc_map, abs=1e-3)
+
 
 def test_eval_detections_on_real_sample_matches_pycocotools(sample_root: Path, tmp_path: Path) -> None:
     from tests.test_metrics import VOC_CLASSES as REF_CLASSES

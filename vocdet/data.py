@@ -90,18 +90,24 @@ def _read_ids(path: Path) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
 
-def resolve_split(root: str | Path, sets: Sequence[str], split: str) -> list[tuple[Path, str]]:
-    """(directory, image id) pairs of a split.
-
-    ``root`` is either a VOCdevkit (``VOC2007/``, ``VOC2012/``; ``sets`` entries are ``"2007/trainval"``) or a flat
-    VOC directory (``Annotations/``, ``JPEGImages/``, optional ``ImageSets/Main/{train,val}.txt``).
-    """
+def require_root(root: str | Path) -> Path:
+    """``root`` as a Path, or a ``VocdetError`` that says how to get the data."""
     root = Path(root)
     if not root.is_dir():
         raise VocdetError(
             f"data root not found: {root} (get VOC with `vocdet data download --root DIR` and set "
             "data.root=DIR/VOCdevkit, run `dvc pull`, or make a demo set with `vocdet data synth --out DIR`)"
         )
+    return root
+
+
+def resolve_split(root: str | Path, sets: Sequence[str], split: str) -> list[tuple[Path, str]]:
+    """(directory, image id) pairs of a split.
+
+    ``root`` is either a VOCdevkit (``VOC2007/``, ``VOC2012/``; ``sets`` entries are ``"2007/trainval"``) or a flat
+    VOC directory (``Annotations/``, ``JPEGImages/``, optional ``ImageSets/Main/{train,val}.txt``).
+    """
+    root = require_root(root)
     if (root / "Annotations").is_dir():  # flat layout
         split_file = root / "ImageSets" / "Main" / f"{split}.txt"
         if split_file.is_file():

@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from vocdet.config import from_dict, load_config, save_config, to_dict
-from vocdet.data import CLASS_INDEX, VOC_CLASSES, VOCDataModule, load_records, resolve_split
+from vocdet.data import CLASS_INDEX, VOC_CLASSES, VOCDataModule, load_records, require_root, resolve_split
 from vocdet.errors import VocdetError
 from vocdet.metrics import GroundTruth, Predictions, evaluate_detections, format_table
 from vocdet.module import DetectionModule
@@ -81,15 +81,15 @@ def build_trainer(cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = F
         # The environment wins so a user can go online without editing configs; never a key in code or config.
         mode = os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
         os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(
-            WandbLogger(
-                project=cfg.logging.wandb_project,
-                name=cfg.run.name,
-                save_dir=str(out_dir),
-                offline=mode == "offline",
-                config=to_dict(cfg),
-            )
+        wandb_logger = WandbLogger(
+            project=cfg.logging.wandb_project,
+            name=cfg.run.name,
+            save_dir=str(out_dir),
+            offline=mode == "offline",
+            config=to_dict(cfg),
         )
+        wandb_logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb warns it is obsolete
+        loggers.append(wandb_logger)
     return L.Trainer(default_root_dir=str(out_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> Path:
     """Train, then evaluate the best checkpoint; writes ``<run>/metrics.json`` and returns the best checkpoint."""
     out = run_dir(cfg)
     if not cfg.data.synthesize:
-        resolve_split(cfg.data.root, cfg.data.train_sets, "train")  # a missing root fails before any logger starts
+        require_root(cfg.data.root)  # fail before any logger starts
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if rank_zero_only.rank == 0:
         save_config(cfg, out / "config.yaml")
