@@ -401,20 +401,24 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 class VOCDataModule(L.LightningDataModule):
     """VOC07+12 trainval -> VOC07 test by default; ``data.*`` config keys (see ``vocdet.config.DataConfig``)."""
 
-    def __init__(self, data_cfg: Any, seed: int = 0):
+    def __init__(self, data_cfg: Any):
         super().__init__()
         self.cfg = data_cfg
-        self.seed = seed
         self.train_set: VOCDataset | None = None
         self.val_set: VOCDataset | None = None
 
     def prepare_data(self) -> None:
         root = Path(self.cfg.root)
         if self.cfg.synthesize and not root.exists():
+            import shutil
+
             from vocdet.synth import synthesize_voc
 
             s = self.cfg.synth
-            synthesize_voc(root, images=s.images, seed=s.seed, size=s.size, val_fraction=s.val_fraction)
+            tmp = root.with_name(root.name + ".partial")  # an interrupted run never leaves a root that looks done
+            shutil.rmtree(tmp, ignore_errors=True)
+            synthesize_voc(tmp, images=s.images, seed=s.seed, size=s.size, val_fraction=s.val_fraction)
+            tmp.rename(root)
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -439,7 +443,7 @@ class VOCDataModule(L.LightningDataModule):
             )
         return self.cfg.batch_size // world
 
-    def _loader(self, dataset: VOCDataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: VOCDataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         workers = self.cfg.num_workers
         return DataLoader(
             dataset,
@@ -449,12 +453,15 @@ class VOCDataModule(L.LightningDataModule):
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             collate_fn=collate,
             persistent_workers=workers > 0,
-            drop_last=False,
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None
-        return self._loader(self.train_set, self.per_device_batch(), shuffle=True)
+        bs = self.per_device_batch()
+        # A final batch of one image gives BatchNorm a single value per channel (an error): drop just that one.
+        per_rank = math.ceil(len(self.train_set) / self._world_size())
+        return self._loader(self.train_set, bs, shuffle=True, drop_last=bs > 1 and per_rank % bs == 1)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None

@@ -70,6 +70,7 @@ class DetectionModule(L.LightningModule):
         self._ema: ModelEMA | None = None
         self._last_opt_step = -1
         self._epoch_start, self._epoch_images = time.perf_counter(), 0
+        self._last_step_end = self._epoch_start
         self._val_preds: dict[str, Predictions] = {}
         self._val_gts: dict[str, GroundTruth] = {}
         self.last_metrics: dict[str, Any] | None = None
@@ -186,6 +187,7 @@ class DetectionModule(L.LightningModule):
 
         bs = batch["img"].shape[0]
         self._epoch_images += bs
+        self._last_step_end = time.perf_counter()
         vals = {f"train/{k}": v for k, v in items.items()}
         self.log_dict(vals, on_step=True, on_epoch=True, batch_size=bs, prog_bar=False)
         self.log("train/loss", sum(items.values()), on_step=True, on_epoch=True, batch_size=bs, prog_bar=True)
@@ -193,8 +195,8 @@ class DetectionModule(L.LightningModule):
         return loss.detach()
 
     def on_train_epoch_end(self) -> None:
-        # Throughput of this rank's training loop (data wait included), the figure to compare runs by.
-        seconds = time.perf_counter() - self._epoch_start
+        # Throughput of this rank's training loop (data wait included, the validation that follows excluded).
+        seconds = self._last_step_end - self._epoch_start
         self.log("train/img_per_s", self._epoch_images / max(seconds, 1e-9), prog_bar=True)
         self.log("train/epoch_seconds", seconds)
 

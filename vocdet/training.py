@@ -101,7 +101,7 @@ def train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if rank_zero_only.rank == 0:
         save_config(cfg, out / "config.yaml")
-    datamodule = VOCDataModule(cfg.data, seed=cfg.run.seed)
+    datamodule = VOCDataModule(cfg.data)
     module = DetectionModule(to_dict(cfg))
     if cfg.model.weights:
         matched, total = load_pretrained(module.model, cfg.model.weights)
@@ -154,7 +154,7 @@ def evaluate(
         module = DetectionModule(to_dict(cfg))
         module.load_state_dict(ckpt["state_dict"])
         trainer = build_trainer(cfg, None, evaluating=True)
-        trainer.validate(module, datamodule=VOCDataModule(cfg.data, seed=cfg.run.seed), verbose=False)
+        trainer.validate(module, datamodule=VOCDataModule(cfg.data), verbose=False)
         return _report(module, cfg, output, predictions, Path(checkpoint))
     cfg = load_config(config_files, overrides)
     records = load_records(resolve_split(cfg.data.root, cfg.data.val_sets, "val"), "val")
