@@ -150,7 +150,11 @@ def evaluate(
         raise VocdetError("give exactly one of --checkpoint or --detections")
     if checkpoint is not None:
         ckpt = load_checkpoint(checkpoint)
-        cfg = load_config(config_files, overrides, base=ckpt["vocdet"]["config"])
+        base = dict(ckpt["vocdet"]["config"])
+        # How the model was trained (devices, DDP, max_epochs, ...) is not how to evaluate it: one device unless
+        # the overrides say otherwise.
+        base["trainer"] = to_dict(load_config().trainer)
+        cfg = load_config(config_files, overrides, base=base)
         module = DetectionModule(to_dict(cfg))
         module.load_state_dict(ckpt["state_dict"])
         trainer = build_trainer(cfg, None, evaluating=True)
