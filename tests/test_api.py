@@ -36,3 +36,16 @@ def test_train_then_evaluate_in_process(synth_root: Path, tmp_path: Path) -> Non
     )
     with pytest.raises(vocdet.VocdetError, match="exactly one of"):
         vocdet.evaluate()
+
+
+def test_a_second_run_never_overwrites_the_first(synth_root: Path, tmp_path: Path) -> None:
+    over = [*tiny_overrides(synth_root, tmp_path, "same"), "trainer.limit_train_batches=1"]
+    first = vocdet.train(vocdet.load_config(None, over))
+    stamp = first.stat().st_mtime_ns
+    second = vocdet.train(vocdet.load_config(None, over))
+    assert first == tmp_path / "same" / "checkpoints" / "best.ckpt"
+    assert second == tmp_path / "same-2" / "checkpoints" / "best.ckpt"
+    assert first.stat().st_mtime_ns == stamp and (tmp_path / "same-2" / "config.yaml").read_text().count("same-2")
+    # exist_ok: the same directory, the same file names.
+    third = vocdet.train(vocdet.load_config(None, [*over, "run.exist_ok=true"]))
+    assert third == first and first.stat().st_mtime_ns != stamp

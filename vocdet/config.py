@@ -25,9 +25,10 @@ VARIANTS = ("n", "s", "m", "l", "x")
 
 @dataclass
 class RunConfig:
-    name: str = "voc"  # outputs go to <dir>/<name>
+    name: str = "voc"  # outputs go to <dir>/<name>; a name already holding a run becomes <name>-2, <name>-3, ...
     dir: str = "runs"
     seed: int = 0
+    exist_ok: bool = False  # true: write into <dir>/<name> even if a run is there (its checkpoints are replaced)
 
 
 @dataclass

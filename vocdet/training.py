@@ -68,6 +68,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = F
             save_top_k=1,
             save_last=True,
             auto_insert_metric_name=False,
+            enable_version_counter=False,  # best.ckpt stays best.ckpt (a second run never shares the directory)
         )
     ]
     loggers: list[Any] = []
@@ -93,11 +94,49 @@ def build_trainer(cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = F
     return L.Trainer(default_root_dir=str(out_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
+_RUN_NAME_ENV = "VOCDET_RUN_NAME"
+
+
+def _holds_run(path: Path) -> bool:
+    return (path / "metrics.json").exists() or any((path / "checkpoints").glob("*.ckpt"))
+
+
+def resolve_run(cfg: DictConfig) -> DictConfig:
+    """Never mix two runs in one directory: a taken ``run.name`` becomes ``<name>-2``, ``<name>-3``, ...
+
+    The launcher decides and exports the name, so DDP processes that Lightning starts by re-running the command
+    line write into the same directory instead of each picking the next free one.
+    """
+    name = os.environ.get(_RUN_NAME_ENV)
+    if name is None:
+        name = cfg.run.name
+        if not cfg.run.exist_ok and _holds_run(run_dir(cfg)):
+            n = 2
+            while _holds_run(Path(cfg.run.dir) / f"{cfg.run.name}-{n}"):
+                n += 1
+            name = f"{cfg.run.name}-{n}"
+            log.warning("%s already holds a run: writing to %s", run_dir(cfg), Path(cfg.run.dir) / name)
+    if name == cfg.run.name:
+        return cfg
+    return load_config(None, [f"run.name={name}"], base=to_dict(cfg))
+
+
 def train(cfg: DictConfig) -> Path:
     """Train, then evaluate the best checkpoint; writes ``<run>/metrics.json`` and returns the best checkpoint."""
-    out = run_dir(cfg)
     if not cfg.data.synthesize:
         require_root(cfg.data.root)  # fail before any logger starts
+    cfg = resolve_run(cfg)
+    launcher = _RUN_NAME_ENV not in os.environ
+    os.environ[_RUN_NAME_ENV] = cfg.run.name
+    try:
+        return _train(cfg)
+    finally:
+        if launcher:  # a notebook's next train() call picks its own directory again
+            os.environ.pop(_RUN_NAME_ENV, None)
+
+
+def _train(cfg: DictConfig) -> Path:
+    out = run_dir(cfg)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if rank_zero_only.rank == 0:
         save_config(cfg, out / "config.yaml")
