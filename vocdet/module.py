@@ -80,7 +80,17 @@ class DetectionModule(L.LightningModule):
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         """uint8 or float (B, 3, H, W) RGB -> raw detections (B, 4 + nc, anchors) from the EMA (eval) weights."""
         net = self.ema_model if self.ema_model is not None else self.model
-        return net(_normalise(img))[0]
+        return net(self._input(img))[0]
+
+    def _input(self, img: torch.Tensor) -> torch.Tensor:
+        img = _normalise(img)
+        return img.contiguous(memory_format=torch.channels_last) if self.cfg.train.channels_last else img
+
+    def setup(self, stage: str) -> None:
+        if self.cfg.train.channels_last:  # weights in NHWC too, so convolutions need no layout conversion
+            self.model.to(memory_format=torch.channels_last)
+            if self.ema_model is not None:
+                self.ema_model.to(memory_format=torch.channels_last)
 
     def _criterion(self) -> Any:
         if self.criterion is None or self.criterion.device != self.device:
@@ -147,7 +157,7 @@ class DetectionModule(L.LightningModule):
         Returns the scalar sum (box + cls + dfl, each times the batch size, as Ultralytics back-propagates it)
         and the detached per-image components.
         """
-        loss, items = self._criterion()(self.model(_normalise(batch["img"])), batch)
+        loss, items = self._criterion()(self.model(self._input(batch["img"])), batch)
         return loss.sum(), items
 
     def on_fit_start(self) -> None:
@@ -209,7 +219,7 @@ class DetectionModule(L.LightningModule):
         e = self.cfg.eval
         net = self.ema_model if self.ema_model is not None else self.model
         net.eval()
-        raw = net(_normalise(batch["img"]))[0]
+        raw = net(self._input(batch["img"]))[0]
         dets = non_max_suppression(raw, e.conf, e.iou, e.max_det, multi_label=e.multi_label)
         for det, image_id, (h, w), ratio, pad, gt in zip(
             dets, batch["ids"], batch["orig_size"], batch["ratio"], batch["pad"], batch["gt"]
