@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vocdet-installed
 
-.PHONY: setup train test test-fast lint format clean
+.PHONY: setup train test test-fast bench lint format clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ test: setup
 ## Unit tests only (seconds).
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+## vocdet vs Ultralytics' trainer side by side (minutes; not part of `make test`); writes runs/bench/results.json.
+bench: setup
+	$(BIN)/python -m vocdet.bench
 
 lint: setup
 	$(BIN)/ruff check .

@@ -16,12 +16,14 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import cv2
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from vocdet.errors import VocdetError
@@ -275,11 +277,24 @@ class VOCDataset(Dataset):
     Difficult objects are kept for evaluation and dropped from the training targets (as Ultralytics does).
     """
 
-    def __init__(self, records: list[Record], imgsz: int, augment: bool, hyp: Any = None, cache: bool = False):
+    def __init__(
+        self,
+        records: list[Record],
+        imgsz: int,
+        augment: bool,
+        hyp: Any = None,
+        cache: bool = False,
+        buffer_size: int = 128,
+    ):
         self.records = records
         self.imgsz = imgsz
         self.augment = augment
-        self.hyp = hyp
+        # Plain attributes: OmegaConf's per-access validation costs ~5% of the pipeline.
+        self.hyp = SimpleNamespace(**OmegaConf.to_container(hyp)) if isinstance(hyp, DictConfig) else hyp
+        # Ultralytics' recipe keeps the most recently decoded images of each worker and draws mosaic partners
+        # from them, so a mosaic costs about one decode instead of four.
+        self.buffer_size = min(buffer_size, len(records)) if augment else 0
+        self._buffer: dict[int, np.ndarray] = {}
         # A shared-memory flag, so persistent worker processes see close_mosaic without being restarted.
         self.mosaic_on = torch.ones(1, dtype=torch.uint8).share_memory_()
         self.cache: list[np.ndarray] | None = None
@@ -293,9 +308,21 @@ class VOCDataset(Dataset):
     def _load_resized(self, i: int) -> np.ndarray:
         return resize_long_side(imread(self.records[i].image), self.imgsz, self.augment)
 
+    def _image(self, i: int) -> np.ndarray:
+        if self.cache is not None:
+            return self.cache[i]
+        img = self._buffer.get(i)
+        if img is None:
+            img = self._load_resized(i)
+            if self.buffer_size:
+                self._buffer[i] = img
+                if len(self._buffer) > self.buffer_size:
+                    del self._buffer[next(iter(self._buffer))]  # oldest first (dicts keep insertion order)
+        return img
+
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Image resized so its long side is imgsz, with its training boxes (scaled) and class ids."""
-        img = self.cache[i] if self.cache is not None else self._load_resized(i)
+        img = self._image(i)
         rec = self.records[i]
         keep = ~rec.difficult
         sx, sy = img.shape[1] / rec.width, img.shape[0] / rec.height  # per axis: the short side was rounded
@@ -310,7 +337,8 @@ class VOCDataset(Dataset):
         yc, xc = (int(random.uniform(s // 2, 2 * s - s // 2)) for _ in range(2))
         canvas = np.full((2 * s, 2 * s, 3), PAD_VALUE, dtype=np.uint8)
         all_boxes, all_cls = [], []
-        for k, i in enumerate([index, *random.choices(range(len(self)), k=3)]):
+        pool = list(self._buffer) if self._buffer else range(len(self))
+        for k, i in enumerate([index, *random.choices(pool, k=3)]):
             img, boxes, cls = self.load(i)
             h, w = img.shape[:2]
             if k == 0:  # top left
@@ -428,7 +456,14 @@ class VOCDataModule(L.LightningDataModule):
             recs = load_records(resolve_split(self.cfg.root, self.cfg.train_sets, "train"), "train")
             if not recs:
                 raise VocdetError(f"no usable training images under {self.cfg.root}")
-            self.train_set = VOCDataset(recs, self.cfg.imgsz, augment=True, hyp=self.cfg, cache=self.cfg.cache)
+            self.train_set = VOCDataset(
+                recs,
+                self.cfg.imgsz,
+                augment=True,
+                hyp=self.cfg,
+                cache=self.cfg.cache,
+                buffer_size=min(8 * self.per_device_batch(), 1000),  # Ultralytics' max_buffer_length
+            )
         if self.val_set is None:
             recs = load_records(resolve_split(self.cfg.root, self.cfg.val_sets, "val"), "val")
             if not recs:
@@ -452,7 +487,9 @@ class VOCDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             collate_fn=collate,
-            persistent_workers=workers > 0,
+            # Training workers persist (their image buffers stay warm); validation workers would sit idle
+            # through every training epoch holding memory, so they are started per validation instead.
+            persistent_workers=workers > 0 and dataset.augment,
             drop_last=drop_last,
         )
 

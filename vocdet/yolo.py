@@ -6,6 +6,7 @@ Box formats: ``xyxy`` = (x1, y1, x2, y2) corners in pixels; ``xywhn`` = (cx, cy,
 from __future__ import annotations
 
 import os
+from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -61,6 +62,32 @@ def load_pretrained(model: nn.Module, weights: str | Path) -> tuple[int, int]:
     matched = {k: v for k, v in src_sd.items() if k in dst_sd and v.shape == dst_sd[k].shape}
     model.load_state_dict(matched, strict=False)
     return len(matched), len(dst_sd)
+
+
+def save_ultralytics_checkpoint(
+    net: nn.Module, class_names: list[str], imgsz: int, path: str | Path, train_args: dict[str, Any] | None = None
+) -> Path:
+    """Write ``net`` as an Ultralytics ``.pt`` that ``ultralytics.YOLO(path)`` loads (predict, val, export)."""
+    import datetime
+
+    import ultralytics
+
+    model = deepcopy(net).float().to(memory_format=torch.contiguous_format).eval()
+    model.criterion = None  # training-only state
+    model.names = dict(enumerate(class_names))
+    args = {"task": "detect", "imgsz": imgsz, **(train_args or {})}
+    model.args = args
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        "model": model,
+        "ema": None,
+        "train_args": args,
+        "date": datetime.datetime.now().isoformat(),
+        "version": ultralytics.__version__,
+    }
+    torch.save(ckpt, path)
+    return path
 
 
 def build_loss(model: DetectionModel, box: float, cls: float, dfl: float) -> v8DetectionLoss:

@@ -1,0 +1,542 @@
+"""``make bench``: vocdet against Ultralytics' own trainer, side by side, on identical inputs.
+
+One invocation runs both on the same images (a synthetic set and the real VOC sample, converted to YOLO format
+for Ultralytics), yolov8n from the same yaml and seed, the same imgsz, global batch, epochs, optimiser and
+augmentation settings, dataloader workers and threads, and prints:
+
+- training throughput (img/s over the epochs after a warm-up epoch, validation excluded), vocdet / Ultralytics;
+- dataloader throughput with full augmentation (img/s of one worker), vocdet's ``VOCDataset`` / ``YOLODataset``;
+- final mAP50 and mAP50-95 of both models, each scored by vocdet's metric code *and* Ultralytics' validator;
+- peak RSS of each training process tree (workers included);
+- metric computation time for 5,000 images x 20 classes, vocdet vs pycocotools.
+
+Results go to ``runs/bench/results.json``. This is the one module besides ``yolo.py`` that imports ultralytics:
+it drives Ultralytics' trainer, dataset and validator as the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_VERBOSE": "0", "WANDB_MODE": "disabled"}
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample100"
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def to_yolo(voc_root: Path, out: Path) -> Path:
+    """Write a YOLO-format copy of a flat VOC folder (images linked, labels converted); returns its data.yaml.
+
+    Labels follow Ultralytics' own VOC conversion: difficult objects dropped, normalised centre xywh, with VOC's
+    1-based corners turned into continuous pixels (the same convention vocdet trains on).
+    """
+    from vocdet.data import VOC_CLASSES, VOC_OFFSET, load_records, resolve_split
+
+    for split in ("train", "val"):
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for r in load_records(resolve_split(voc_root, [], split), split):
+            link = out / "images" / split / f"{r.id}.jpg"
+            if not link.exists():
+                link.symlink_to(Path(r.image).resolve())
+            boxes = r.boxes[~r.difficult] - VOC_OFFSET
+            lines = [
+                f"{c} {(x1 + x2) / 2 / r.width:.6f} {(y1 + y2) / 2 / r.height:.6f} "
+                f"{(x2 - x1) / r.width:.6f} {(y2 - y1) / r.height:.6f}"
+                for (x1, y1, x2, y2), c in zip(boxes, r.labels[~r.difficult])
+            ]
+            (out / "labels" / split / f"{r.id}.txt").write_text("".join(line + "\n" for line in lines))
+    names = "\n".join(f"  {i}: {n}" for i, n in enumerate(VOC_CLASSES))
+    yaml = out / "data.yaml"
+    yaml.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
+    return yaml
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+class PeakMemory:
+    """Samples a training process: its own RSS, and the PSS summed over it and its descendants.
+
+    Summing RSS over forked dataloader workers counts the pages they share with the parent once per process;
+    PSS splits shared pages between their users, so the tree sum is the memory the run really holds.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        import psutil
+
+        self.proc, self.interval = psutil.Process(pid), interval
+        self.peak_rss = self.peak_tree_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+                total = 0
+                for p in [self.proc, *self.proc.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += p.memory_full_info().pss
+                self.peak_tree_pss = max(self.peak_tree_pss, total)
+            except psutil.Error:
+                break
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_rss_mb": self.peak_rss / 2**20, "peak_tree_pss_mb": self.peak_tree_pss / 2**20}
+
+
+def run_measured(cmd: list[str], log: Path, env: dict[str, str], timeout: float) -> tuple[dict[str, float], float]:
+    """Run ``cmd`` with its output in ``log``; returns (peak memory figures in MB, wall seconds)."""
+    t0 = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        rss = PeakMemory(proc.pid)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise SystemExit(f"bench: {cmd[2:5]} ran past {timeout:.0f} s (log: {log})") from None
+        peak = rss.stop()
+    if code != 0:
+        raise SystemExit(f"bench: {' '.join(cmd[:5])} ... failed with exit {code}; see {log}")
+    return peak, time.perf_counter() - t0
+
+
+def _timed_throughput(images: list[float], seconds: list[float]) -> float:
+    """img/s over every epoch after the first (the warm-up epoch: allocator, caches, lazy init)."""
+    return float(sum(images[1:]) / max(sum(seconds[1:]), 1e-9))
+
+
+def train_vocdet(voc_root: Path, run_dir: Path, s: argparse.Namespace) -> dict[str, Any]:
+    over = [
+        f"data.root={voc_root}",
+        f"data.imgsz={s.imgsz}",
+        f"data.batch_size={s.batch}",
+        f"data.num_workers={s.workers}",
+        f"data.close_mosaic={s.close_mosaic}",
+        f"train.epochs={s.epochs}",
+        f"train.nbs={s.nbs}",
+        f"train.warmup_epochs={s.warmup_epochs}",
+        f"run.dir={run_dir}",
+        "run.name=vocdet",
+        "run.exist_ok=true",
+        f"run.seed={s.seed}",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "logging.wandb=false",
+    ]
+    log = run_dir / "vocdet.log"
+    peak, wall = run_measured(
+        [sys.executable, "-m", "vocdet", "train", *over], log, {**BENCH_ENV, **_threads(s)}, s.timeout
+    )
+    rows = list(csv.DictReader((run_dir / "vocdet" / "csv" / "metrics.csv").open()))
+    epochs = [r for r in rows if r.get("train/img_per_s")]
+    secs = [float(r["train/epoch_seconds"]) for r in epochs]
+    imgs = [float(r["train/img_per_s"]) * t for r, t in zip(epochs, secs)]
+    metrics = json.loads((run_dir / "vocdet" / "metrics.json").read_text())
+    return {
+        "img_per_s": _timed_throughput(imgs, secs),
+        **peak,
+        "wall_s": wall,
+        "best": str(run_dir / "vocdet" / "checkpoints" / "best.ckpt"),
+        "own_metric": {"map50": metrics["map50"], "map50_95": metrics["map50_95"]},
+    }
+
+
+def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> dict[str, Any]:
+    out = run_dir / "ultralytics.json"
+    args = {
+        "data": str(data_yaml),
+        "imgsz": s.imgsz,
+        "batch": s.batch,
+        "workers": s.workers,
+        "epochs": s.epochs,
+        "nbs": s.nbs,
+        "close_mosaic": s.close_mosaic,
+        "warmup_epochs": s.warmup_epochs,
+        "seed": s.seed,
+        "project": str(run_dir),
+        "name": "ultralytics",
+    }
+    log = run_dir / "ultralytics.log"
+    peak, wall = run_measured(
+        [sys.executable, "-m", "vocdet.bench", "_ultralytics_train", json.dumps(args), str(out)],
+        log,
+        {**BENCH_ENV, **_threads(s), "YOLO_CONFIG_DIR": str(run_dir / "ultralytics_cfg")},
+        s.timeout,
+    )
+    res = json.loads(out.read_text())
+    return {
+        "img_per_s": _timed_throughput(res["images"], res["seconds"]),
+        **peak,
+        "wall_s": wall,
+        "best": res["best"],
+        "own_metric": {"map50": res["map50"], "map50_95": res["map50_95"]},
+    }
+
+
+def _ultralytics_train(args_json: str, out: str) -> None:
+    """Child process: Ultralytics' trainer with the recipe vocdet states explicitly (no optimizer=auto)."""
+    import torch
+    from ultralytics import YOLO
+
+    args = json.loads(args_json)
+    model = YOLO("yolov8n.yaml")
+    times: dict[str, list[float]] = {"images": [], "seconds": []}
+    state: dict[str, float] = {}
+
+    def epoch_start(trainer: Any) -> None:
+        state["t"] = time.perf_counter()
+
+    def epoch_end(trainer: Any) -> None:  # fires after the last batch, before validation
+        times["seconds"].append(time.perf_counter() - state["t"])
+        times["images"].append(float(len(trainer.train_loader.dataset)))
+
+    model.add_callback("on_train_epoch_start", epoch_start)
+    model.add_callback("on_train_epoch_end", epoch_end)
+    torch.manual_seed(args["seed"])
+    results = model.train(
+        **args,
+        device="cpu",
+        optimizer="SGD",
+        lr0=0.01,
+        lrf=0.01,
+        momentum=0.937,
+        weight_decay=0.0005,
+        warmup_momentum=0.8,
+        warmup_bias_lr=0.1,
+        box=7.5,
+        cls=0.5,
+        dfl=1.5,
+        mosaic=1.0,
+        mixup=0.0,
+        cutmix=0.0,
+        copy_paste=0.0,
+        degrees=0.0,
+        translate=0.1,
+        scale=0.5,
+        shear=0.0,
+        perspective=0.0,
+        fliplr=0.5,
+        flipud=0.0,
+        hsv_h=0.015,
+        hsv_s=0.7,
+        hsv_v=0.4,
+        cos_lr=False,
+        amp=False,
+        cache=False,
+        deterministic=False,  # vocdet does not force deterministic kernels either
+        plots=False,
+        exist_ok=True,
+        verbose=False,
+    )
+    best = Path(model.trainer.best)
+    Path(out).write_text(
+        json.dumps({**times, "best": str(best), "map50": float(results.box.map50), "map50_95": float(results.box.map)})
+    )
+
+
+def _threads(s: argparse.Namespace) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads)}
+
+
+# ----------------------------------------------------------------------------------------------- cross-scoring
+
+
+def score_with_ultralytics(weights_pt: Path, data_yaml: Path, s: argparse.Namespace) -> dict[str, float]:
+    """Ultralytics' validator (conf 0.001, iou 0.7, as its trainer validates) on an Ultralytics .pt."""
+    from ultralytics import YOLO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        m = YOLO(str(weights_pt)).val(
+            data=str(data_yaml), imgsz=s.imgsz, batch=s.batch * 2, conf=0.001, iou=0.7, device="cpu",
+            workers=0, plots=False, verbose=False, project=str(Path(weights_pt).parent), name="val", exist_ok=True,
+        )  # fmt: skip
+    return {"map50": float(m.box.map50), "map50_95": float(m.box.map)}
+
+
+def vocdet_ckpt_to_ultralytics(ckpt_path: Path, out: Path) -> Path:
+    from vocdet.training import load_checkpoint
+    from vocdet.yolo import build_model, save_ultralytics_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    prefix = "ema_model." if any(k.startswith("ema_model.") for k in ckpt["state_dict"]) else "model."
+    net = build_model(ckpt["vocdet"]["config"]["model"]["variant"], len(ckpt["vocdet"]["class_names"]))
+    net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    return save_ultralytics_checkpoint(net, ckpt["vocdet"]["class_names"], ckpt["vocdet"]["imgsz"], out)
+
+
+def ultralytics_pt_to_vocdet(pt: Path, voc_root: Path, s: argparse.Namespace, out: Path) -> Path:
+    """A vocdet checkpoint holding an Ultralytics model's weights, so vocdet's metric code can score it."""
+    import torch
+
+    from vocdet import __version__
+    from vocdet.config import load_config, to_dict
+    from vocdet.module import DetectionModule
+    from vocdet.yolo import load_pretrained
+
+    cfg = load_config(
+        None,
+        [
+            f"data.root={voc_root}",
+            f"data.imgsz={s.imgsz}",
+            f"data.batch_size={s.batch}",
+            f"data.num_workers={s.workers}",
+        ],
+    )
+    module = DetectionModule(to_dict(cfg))
+    matched, total = load_pretrained(module.model, pt)
+    if matched != total:
+        raise SystemExit(f"bench: only {matched}/{total} tensors of {pt} fit yolov8n with 20 classes")
+    module.ema_model.load_state_dict(module.model.state_dict())
+    meta = {"version": __version__, "config": to_dict(cfg), "class_names": module.class_names, "imgsz": s.imgsz}
+    torch.save({"state_dict": module.state_dict(), "vocdet": meta}, out)
+    return out
+
+
+def score_with_vocdet(ckpt: Path, s: argparse.Namespace) -> dict[str, float]:
+    from vocdet.training import evaluate
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        m = evaluate(ckpt, overrides=[f"data.batch_size={s.batch}", "trainer.enable_progress_bar=false"])
+    return {"map50": m["map50"], "map50_95": m["map50_95"]}
+
+
+# ----------------------------------------------------------------------------------------------- micro-benchmarks
+
+
+def dataloader_speed(voc_root: Path, data_yaml: Path, s: argparse.Namespace) -> dict[str, float]:
+    """img/s of one worker (the main process) producing collated, fully augmented batches; no cache on either."""
+    import random
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vocdet.config import load_config
+    from vocdet.data import VOCDataset, collate, load_records, resolve_split
+
+    torch.set_num_threads(1)  # a dataloader worker runs with one thread in both libraries
+    n_batches = s.loader_batches
+
+    def speed(loader: DataLoader) -> float:
+        it = iter(loader)
+        for _ in range(2):  # warm-up: file cache, lazy imports
+            next(it)
+        t0, n = time.perf_counter(), 0
+        for _ in range(n_batches):
+            try:
+                n += len(next(it)["img"])
+            except StopIteration:
+                it = iter(loader)
+                n += len(next(it)["img"])
+        return n / (time.perf_counter() - t0)
+
+    random.seed(0)
+    np.random.seed(0)
+    cfg = load_config(None, [f"data.root={voc_root}", f"data.imgsz={s.imgsz}"])
+    ds = VOCDataset(load_records(resolve_split(voc_root, [], "train"), "train"), s.imgsz, augment=True, hyp=cfg.data)
+    ours = speed(DataLoader(ds, batch_size=s.batch, shuffle=True, num_workers=0, collate_fn=collate))
+
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        data = check_det_dataset(str(data_yaml))
+        hyp = get_cfg(overrides={"imgsz": s.imgsz, "cache": False, "close_mosaic": 0})
+        yds = build_yolo_dataset(hyp, data["train"], s.batch, data, mode="train")
+    theirs = speed(DataLoader(yds, batch_size=s.batch, shuffle=True, num_workers=0, collate_fn=yds.collate_fn))
+    return {"vocdet_img_per_s": ours, "ultralytics_img_per_s": theirs}
+
+
+def metric_speed(n_images: int = 5000, n_classes: int = 20, seed: int = 0) -> dict[str, float]:
+    """Seconds to score ``n_images`` synthetic images (2-3 objects, 30 detections each): vocdet vs pycocotools."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from vocdet.metrics import GroundTruth, Predictions, evaluate_detections
+
+    rng = np.random.default_rng(seed)
+    gts, preds = {}, {}
+    for i in range(n_images):
+        k = int(rng.integers(2, 4))
+        xy = rng.uniform(0, 400, (k, 2))
+        gt = np.concatenate([xy, xy + rng.uniform(20, 200, (k, 2))], 1)
+        gts[f"{i:06d}"] = GroundTruth(gt, rng.integers(0, n_classes, k), rng.random(k) < 0.1)
+        m = 30
+        jitter = gt[rng.integers(0, k, m)] + rng.normal(0, 15, (m, 4))
+        preds[f"{i:06d}"] = Predictions(jitter, rng.random(m), rng.integers(0, n_classes, m))
+    t0 = time.perf_counter()
+    evaluate_detections(gts, preds, [str(c) for c in range(n_classes)])
+    ours = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ids = {k: n + 1 for n, k in enumerate(sorted(gts))}
+    anns, dets = [], []
+    for k, g in gts.items():
+        for b, c, d in zip(g.boxes, g.labels, g.difficult):
+            w, h = b[2] - b[0], b[3] - b[1]
+            anns.append(
+                {"id": len(anns) + 1, "image_id": ids[k], "category_id": int(c), "bbox": [b[0], b[1], w, h],
+                 "area": w * h, "iscrowd": int(d)}
+            )  # fmt: skip
+        p = preds[k]
+        for b, sc, c in zip(p.boxes, p.scores, p.labels):
+            dets.append({"image_id": ids[k], "category_id": int(c), "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                         "score": float(sc)})  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = {
+            "images": [{"id": i} for i in ids.values()],
+            "annotations": anns,
+            "categories": [{"id": c} for c in range(n_classes)],
+        }
+        coco.createIndex()
+        e = COCOeval(coco, coco.loadRes(dets), "bbox")
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return {"vocdet_s": ours, "pycocotools_s": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def race(name: str, voc_root: Path, out: Path, s: argparse.Namespace) -> dict[str, Any]:
+    """Train both on one dataset, then score both models with both metric implementations."""
+    run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    data_yaml = to_yolo(voc_root, out / "yolo" / name)
+    print(f"[{name}] training vocdet ...", flush=True)
+    v = train_vocdet(voc_root, run_dir, s)
+    print(f"[{name}] training Ultralytics ...", flush=True)
+    u = train_ultralytics(data_yaml, run_dir, s)
+    v_pt = vocdet_ckpt_to_ultralytics(Path(v["best"]), run_dir / "vocdet_as_ultralytics.pt")
+    u_ckpt = ultralytics_pt_to_vocdet(Path(u["best"]), voc_root, s, run_dir / "ultralytics_as_vocdet.ckpt")
+    v["vocdet_metric"], v["ultralytics_metric"] = v["own_metric"], score_with_ultralytics(v_pt, data_yaml, s)
+    u["ultralytics_metric"], u["vocdet_metric"] = u["own_metric"], score_with_vocdet(u_ckpt, s)
+    return {"vocdet": v, "ultralytics": u}
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows = []
+    for name, r in results["datasets"].items():
+        v, u = r["vocdet"], r["ultralytics"]
+        rows.append((f"{name}: train img/s", v["img_per_s"], u["img_per_s"]))
+        for metric in ("vocdet_metric", "ultralytics_metric"):
+            label = "vocdet's metric" if metric == "vocdet_metric" else "Ultralytics' validator"
+            rows.append((f"{name}: mAP50 ({label})", v[metric]["map50"], u[metric]["map50"]))
+            rows.append((f"{name}: mAP50-95 ({label})", v[metric]["map50_95"], u[metric]["map50_95"]))
+        rows.append((f"{name}: peak RSS MB (main process)", v["peak_rss_mb"], u["peak_rss_mb"]))
+        rows.append((f"{name}: peak PSS MB (process tree)", v["peak_tree_pss_mb"], u["peak_tree_pss_mb"]))
+    d = results["dataloader"]
+    rows.append(("dataloader img/s, 1 worker, full aug", d["vocdet_img_per_s"], d["ultralytics_img_per_s"]))
+    m = results["metric"]
+    rows.append(("metric seconds, 5k images x 20 classes (vs pycocotools)", m["vocdet_s"], m["pycocotools_s"]))
+    w = max(len(r[0]) for r in rows)
+    print(f"\n{'':{w}}  {'vocdet':>10}  {'reference':>10}  {'ratio':>7}")
+    for label, a, b in rows:
+        print(f"{label:{w}}  {a:10.3f}  {b:10.3f}  {a / b if b else float('nan'):7.2f}")
+    print()
+    for k in (
+        "train_speed_ratio",
+        "dataloader_speed_ratio",
+        "peak_rss_ratio",
+        "peak_tree_pss_ratio",
+        "metric_seconds_5k",
+    ):
+        print(f"{k} = {results[k]:.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_ultralytics_train"]:
+        _ultralytics_train(argv[1], argv[2])
+        return
+    p = argparse.ArgumentParser(prog="python -m vocdet.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/bench"))
+    p.add_argument("--imgsz", type=int, default=320)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--nbs", type=int, default=16, help="nominal batch (both): 16 = one optimiser step per batch")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--close-mosaic", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--synth-images", type=int, default=400)
+    p.add_argument("--real-epochs", type=int, default=4, help="epochs on the 100-image real sample")
+    p.add_argument("--loader-batches", type=int, default=20)
+    p.add_argument("--timeout", type=float, default=3600)
+    s = p.parse_args(argv)
+    for k, v in BENCH_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(s.out.resolve() / "ultralytics_cfg"))
+    out = s.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    from vocdet.synth import synthesize_voc
+
+    synth_root = out / "data" / "synth"
+    if not synth_root.exists():
+        synthesize_voc(synth_root, images=s.synth_images, seed=s.seed, size=s.imgsz, val_fraction=0.2)
+    datasets = {"synthetic": synth_root}
+    if SAMPLE.is_dir():
+        datasets["voc-sample100"] = SAMPLE
+    results: dict[str, Any] = {"settings": vars(s) | {"out": str(out)}, "datasets": {}}
+    for name, root in datasets.items():
+        epochs = s.epochs
+        if name != "synthetic":
+            s.epochs = s.real_epochs
+        results["datasets"][name] = race(name, root, out, s)
+        s.epochs = epochs
+    print("dataloader ...", flush=True)
+    results["dataloader"] = dataloader_speed(synth_root, out / "yolo" / "synthetic" / "data.yaml", s)
+    print("metric ...", flush=True)
+    results["metric"] = metric_speed()
+
+    main_run = results["datasets"]["synthetic"]
+    v, u = main_run["vocdet"], main_run["ultralytics"]
+    results.update(
+        train_speed_ratio=v["img_per_s"] / u["img_per_s"],
+        dataloader_speed_ratio=results["dataloader"]["vocdet_img_per_s"]
+        / results["dataloader"]["ultralytics_img_per_s"],
+        map50_vocdet=v["vocdet_metric"]["map50"],
+        map50_ultralytics=u["vocdet_metric"]["map50"],
+        map50_vocdet_by_ultralytics_validator=v["ultralytics_metric"]["map50"],
+        map50_ultralytics_by_ultralytics_validator=u["ultralytics_metric"]["map50"],
+        peak_rss_ratio=v["peak_rss_mb"] / u["peak_rss_mb"],
+        peak_tree_pss_ratio=v["peak_tree_pss_mb"] / u["peak_tree_pss_mb"],
+        metric_seconds_5k=results["metric"]["vocdet_s"],
+    )
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print_table(results)
+    print(f"\nwrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
