@@ -1,0 +1,75 @@
+"""The pieces `make bench` relies on: YOLO-format conversion, checkpoint converters both ways, timed metrics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vocdet.bench import metric_speed, to_yolo, ultralytics_pt_to_vocdet, vocdet_ckpt_to_ultralytics
+from vocdet.data import VOC_OFFSET, load_records, resolve_split
+
+
+def test_to_yolo_labels_match_the_voc_boxes(synth_root: Path, tmp_path: Path) -> None:
+    yaml = to_yolo(synth_root, tmp_path / "yolo")
+    assert "names:" in yaml.read_text() and "  14: person" in yaml.read_text()
+    for split in ("train", "val"):
+        for r in load_records(resolve_split(synth_root, [], split), split):
+            img = tmp_path / "yolo" / "images" / split / f"{r.id}.jpg"
+            assert img.is_symlink() and img.resolve() == Path(r.image).resolve()
+            rows = [
+                line.split() for line in (tmp_path / "yolo" / "labels" / split / f"{r.id}.txt").read_text().splitlines()
+            ]
+            keep = ~r.difficult
+            assert len(rows) == keep.sum()
+            if rows:
+                got = np.array(rows, float)
+                assert (got[:, 0] == r.labels[keep]).all()
+                x1, y1, x2, y2 = (r.boxes[keep] - VOC_OFFSET).T
+                np.testing.assert_allclose(got[:, 1], (x1 + x2) / 2 / r.width, atol=2e-6)
+                np.testing.assert_allclose(got[:, 4], (y2 - y1) / r.height, atol=2e-6)
+
+
+def test_checkpoint_converters_round_trip(synth_root: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from ultralytics import YOLO
+
+    import vocdet
+    from tests.conftest import tiny_overrides
+
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    best = vocdet.train(
+        vocdet.load_config(None, [*tiny_overrides(synth_root, tmp_path, "conv"), "trainer.limit_train_batches=1"])
+    )
+    pt = vocdet_ckpt_to_ultralytics(best, tmp_path / "as_ultralytics.pt")
+    yolo = YOLO(str(pt))
+    assert yolo.names[14] == "person" and len(yolo.names) == 20
+    ours = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    theirs = yolo.model.state_dict()
+    # The Ultralytics file holds our EMA weights, tensor for tensor.
+    assert all(torch.equal(theirs[k], ours["ema_model." + k].float()) for k in theirs)
+    x = torch.rand(1, 3, 64, 64)
+    from vocdet.module import DetectionModule
+
+    module = DetectionModule(torch.load(best, map_location="cpu", weights_only=True)["hyper_parameters"]["config"])
+    module.load_state_dict(ours)
+    module.eval()
+    yolo.model.eval()
+    torch.testing.assert_close(module(x), yolo.model(x)[0], rtol=1e-4, atol=1e-4)
+
+    back = ultralytics_pt_to_vocdet(
+        pt, synth_root, argparse.Namespace(imgsz=64, batch=8, workers=0), tmp_path / "b.ckpt"
+    )
+    again = torch.load(back, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(again["model." + k], theirs[k]) for k in theirs)
+
+
+def test_timed_metrics_compute_the_same_numbers() -> None:
+    pytest.importorskip("pycocotools")
+    m = metric_speed(n_images=200)
+    assert m["map50_95_vocdet"] == m["map50_95_pycocotools"] > 0
+    assert m["vocdet_s"] > 0 and m["pycocotools_s"] > 0
