@@ -16,7 +16,7 @@ from tests.conftest import run_cli, tiny_overrides
 pytestmark = pytest.mark.slow
 
 
-def _one_line_error(proc, *needles: str) -> None:
+def assert_one_line_error(proc, *needles: str) -> None:
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -201,16 +201,16 @@ def test_wandb_offline_run_is_written(synth_root: Path, tmp_path: Path) -> None:
 def test_bad_input_exits_with_one_line(args: list[str], needles: list[str]) -> None:
     if args[:2] == ["train", "--gpus"] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    _one_line_error(run_cli(*args, timeout=120), *needles)
+    assert_one_line_error(run_cli(*args, timeout=120), *needles)
 
 
 def test_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
-    _one_line_error(run_cli("eval", "--checkpoint", str(bad)), "cannot read checkpoint")
+    assert_one_line_error(run_cli("eval", "--checkpoint", str(bad)), "cannot read checkpoint")
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "epoch": 3}, foreign)
-    _one_line_error(run_cli("eval", "--checkpoint", str(foreign)), "is not a vocdet checkpoint")
+    assert_one_line_error(run_cli("eval", "--checkpoint", str(foreign)), "is not a vocdet checkpoint")
 
 
 def test_synth_cli_is_deterministic(tmp_path: Path) -> None:

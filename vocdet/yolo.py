@@ -11,7 +11,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision
 from torch import nn
@@ -100,16 +99,6 @@ def build_loss(model: DetectionModel, box: float, cls: float, dfl: float) -> v8D
     return v8DetectionLoss(model)
 
 
-def xyxy_to_xywhn(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(N, 4) xyxy pixels -> (N, 4) normalised centre xywh."""
-    out = np.empty_like(boxes, dtype=np.float32)
-    out[:, 0] = (boxes[:, 0] + boxes[:, 2]) / (2 * width)
-    out[:, 1] = (boxes[:, 1] + boxes[:, 3]) / (2 * height)
-    out[:, 2] = (boxes[:, 2] - boxes[:, 0]) / width
-    out[:, 3] = (boxes[:, 3] - boxes[:, 1]) / height
-    return out
-
-
 def xywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     """(..., 4) centre xywh -> (..., 4) xyxy, same units."""
     xy, wh = boxes[..., :2], boxes[..., 2:4] / 2
@@ -152,7 +141,3 @@ def non_max_suppression(
         keep = torchvision.ops.batched_nms(boxes, score, cls, iou)[:max_det]
         out.append(torch.cat((boxes[keep], score[keep, None], cls[keep, None].float()), 1))
     return out
-
-
-def model_info(model: nn.Module) -> dict[str, Any]:
-    return {"parameters": sum(p.numel() for p in model.parameters()), "stride": int(model.stride.max())}
