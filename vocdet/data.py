@@ -487,9 +487,11 @@ class VOCDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
             collate_fn=collate,
-            # Training workers persist (their image buffers stay warm); validation workers would sit idle
-            # through every training epoch holding memory, so they are started per validation instead.
-            persistent_workers=workers > 0 and dataset.augment,
+            # Persistent workers: training buffers stay warm, and validation workers are forked once, at the
+            # sanity-check step before training, while the parent's heap is small. Forked later (after training
+            # steps have grown the heap) each holds stale copies of pages the parent rewrites: measured 3.1 GB
+            # vs 2.4 GB process-tree PSS at imgsz 320.
+            persistent_workers=workers > 0,
             drop_last=drop_last,
         )
 

@@ -52,10 +52,12 @@ def build_trainer(cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = F
     """
     kwargs = dict(to_dict(cfg.trainer))
     kwargs["precision"] = _precision(cfg, kwargs)
-    kwargs.setdefault("num_sanity_val_steps", 0)
     kwargs.setdefault("log_every_n_steps", cfg.logging.log_every_n_steps)
     if evaluating:
         return L.Trainer(logger=False, enable_checkpointing=False, **kwargs)
+    # One validation batch before training: catches a broken val set early and forks the (persistent) validation
+    # workers while the process is still small.
+    kwargs.setdefault("num_sanity_val_steps", 1)
     assert out_dir is not None
     kwargs.setdefault("max_epochs", cfg.train.epochs)
     kwargs.setdefault("check_val_every_n_epoch", cfg.train.val_every)
