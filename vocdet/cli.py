@@ -16,7 +16,7 @@ from vocdet.errors import VocdetError
 
 app = typer.Typer(
     name="vocdet",
-    help="Train, evaluate, export and serve YOLOv8 detectors on PASCAL VOC.",
+    help="Train and evaluate YOLOv8 detectors on PASCAL VOC.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
