@@ -467,6 +467,13 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"\n{'':{w}}  {'vocdet':>10}  {'reference':>10}  {'ratio':>7}")
     for label, a, b in rows:
         print(f"{label:{w}}  {a:10.3f}  {b:10.3f}  {a / b if b else float('nan'):7.2f}")
+    ms = results["map50_over_seeds"]
+    if len(ms["vocdet"]["values"]) > 1:
+        print(
+            f"\nmAP50 over {len(ms['vocdet']['values'])} training seeds (vocdet's metric): vocdet "
+            f"{ms['vocdet']['mean']:.3f} ± {ms['vocdet']['std']:.3f}, Ultralytics "
+            f"{ms['ultralytics']['mean']:.3f} ± {ms['ultralytics']['std']:.3f}"
+        )
     print()
     for k in (
         "train_speed_ratio",
@@ -499,6 +506,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loader-batches", type=int, default=20)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--synthetic-only", action="store_true", help="skip the real sample and the micro-benchmarks")
+    p.add_argument(
+        "--extra-seeds",
+        type=int,
+        default=0,
+        help="train both N more times on the synthetic set with training seeds seed+1..seed+N (same data) and "
+        "report mAP50 as mean and spread: one seed cannot resolve a one-point difference mid-training",
+    )
     s = p.parse_args(argv)
     for k, v in BENCH_ENV.items():
         os.environ.setdefault(k, v)
@@ -521,6 +535,19 @@ def main(argv: list[str] | None = None) -> None:
             s.epochs = s.real_epochs
         results["datasets"][name] = race(name, root, out, s)
         s.epochs = epochs
+    seeds: dict[str, list[float]] = {"vocdet": [], "ultralytics": []}
+    base_seed = s.seed
+    for k in range(1, s.extra_seeds + 1):
+        s.seed = base_seed + k
+        results["datasets"][f"synthetic-seed{s.seed}"] = race(f"synthetic-seed{s.seed}", synth_root, out, s)
+    s.seed = base_seed
+    for name, r in results["datasets"].items():
+        if name.startswith("synthetic"):
+            for side in seeds:
+                seeds[side].append(r[side]["vocdet_metric"]["map50"])
+    results["map50_over_seeds"] = {
+        side: {"values": v, "mean": float(np.mean(v)), "std": float(np.std(v))} for side, v in seeds.items()
+    }
     if s.synthetic_only:
         v, u = results["datasets"]["synthetic"]["vocdet"], results["datasets"]["synthetic"]["ultralytics"]
         print(json.dumps({"vocdet": v, "ultralytics": u}, indent=1, default=str))
