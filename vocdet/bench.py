@@ -45,7 +45,7 @@ def to_yolo(voc_root: Path, out: Path) -> Path:
     Labels follow Ultralytics' own VOC conversion: difficult objects dropped, normalised centre xywh, with VOC's
     1-based corners turned into continuous pixels (the same convention vocdet trains on).
     """
-    from vocdet.data import VOC_CLASSES, VOC_OFFSET, load_records, resolve_split
+    from vocdet.data import VOC_CLASSES, VOC_OFFSET, load_records, resolve_split, xyxy_to_xywhn
 
     for split in ("train", "val"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -54,12 +54,8 @@ def to_yolo(voc_root: Path, out: Path) -> Path:
             link = out / "images" / split / f"{r.id}.jpg"
             if not link.exists():
                 link.symlink_to(Path(r.image).resolve())
-            boxes = r.boxes[~r.difficult] - VOC_OFFSET
-            lines = [
-                f"{c} {(x1 + x2) / 2 / r.width:.6f} {(y1 + y2) / 2 / r.height:.6f} "
-                f"{(x2 - x1) / r.width:.6f} {(y2 - y1) / r.height:.6f}"
-                for (x1, y1, x2, y2), c in zip(boxes, r.labels[~r.difficult])
-            ]
+            xywhn = xyxy_to_xywhn(r.boxes[~r.difficult] - VOC_OFFSET, r.width, r.height)
+            lines = [f"{c} " + " ".join(f"{v:.6f}" for v in b) for b, c in zip(xywhn, r.labels[~r.difficult])]
             (out / "labels" / split / f"{r.id}.txt").write_text("".join(line + "\n" for line in lines))
     names = "\n".join(f"  {i}: {n}" for i, n in enumerate(VOC_CLASSES))
     yaml = out / "data.yaml"
@@ -279,21 +275,21 @@ def score_with_ultralytics(weights_pt: Path, data_yaml: Path, s: argparse.Namesp
 
 
 def vocdet_ckpt_to_ultralytics(ckpt_path: Path, out: Path) -> Path:
+    from vocdet.module import DetectionModule
     from vocdet.training import load_checkpoint
-    from vocdet.yolo import build_model, save_ultralytics_checkpoint
+    from vocdet.yolo import save_ultralytics_checkpoint
 
     ckpt = load_checkpoint(ckpt_path)
-    prefix = "ema_model." if any(k.startswith("ema_model.") for k in ckpt["state_dict"]) else "model."
-    net = build_model(ckpt["vocdet"]["config"]["model"]["variant"], len(ckpt["vocdet"]["class_names"]))
-    net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
-    return save_ultralytics_checkpoint(net, ckpt["vocdet"]["class_names"], ckpt["vocdet"]["imgsz"], out)
+    module = DetectionModule(ckpt["vocdet"]["config"])
+    module.load_state_dict(ckpt["state_dict"])
+    net = module.ema_model if module.ema_model is not None else module.model  # the weights vocdet validates
+    return save_ultralytics_checkpoint(net, module.class_names, module.cfg.data.imgsz, out)
 
 
 def ultralytics_pt_to_vocdet(pt: Path, voc_root: Path, s: argparse.Namespace, out: Path) -> Path:
     """A vocdet checkpoint holding an Ultralytics model's weights, so vocdet's metric code can score it."""
     import torch
 
-    from vocdet import __version__
     from vocdet.config import load_config, to_dict
     from vocdet.module import DetectionModule
     from vocdet.yolo import load_pretrained
@@ -312,8 +308,7 @@ def ultralytics_pt_to_vocdet(pt: Path, voc_root: Path, s: argparse.Namespace, ou
     if matched != total:
         raise SystemExit(f"bench: only {matched}/{total} tensors of {pt} fit yolov8n with 20 classes")
     module.ema_model.load_state_dict(module.model.state_dict())
-    meta = {"version": __version__, "config": to_dict(cfg), "class_names": module.class_names, "imgsz": s.imgsz}
-    torch.save({"state_dict": module.state_dict(), "vocdet": meta}, out)
+    torch.save({"state_dict": module.state_dict(), "vocdet": module.checkpoint_meta()}, out)
     return out
 
 

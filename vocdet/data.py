@@ -395,6 +395,13 @@ class VOCDataset(Dataset):
         return {"img": _to_chw_rgb(img), "cls": cls, "boxes": boxes}
 
 
+def xyxy_to_xywhn(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
+    """(N, 4) xyxy pixels -> (N, 4) normalised centre xywh (Ultralytics' label format)."""
+    scale = np.array([width, height, width, height], dtype=np.float64)
+    xywh = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
+    return xywh / scale
+
+
 def _to_chw_rgb(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)[::-1]))
 
@@ -412,13 +419,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         boxes = np.concatenate([it["boxes"] for it in items]).reshape(-1, 4)
         cls = np.concatenate([it["cls"] for it in items])
         idx = np.concatenate([np.full(len(it["cls"]), i) for i, it in enumerate(items)])
-        xywh = np.empty_like(boxes)
-        xywh[:, :2] = (boxes[:, :2] + boxes[:, 2:]) / (2 * size)
-        xywh[:, 2:] = (boxes[:, 2:] - boxes[:, :2]) / size
         batch.update(
             batch_idx=torch.from_numpy(idx).float(),
             cls=torch.from_numpy(cls).float().view(-1, 1),
-            bboxes=torch.from_numpy(xywh).float(),
+            bboxes=torch.from_numpy(xyxy_to_xywhn(boxes, size, size)).float(),
         )
     else:
         for key in ("id", "orig_size", "ratio", "pad", "gt"):

@@ -259,19 +259,22 @@ class DetectionModule(L.LightningModule):
         )
 
     # ------------------------------------------------------------------------------------------- checkpoint
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint carries so it needs nothing else: config (thresholds included), classes, image size."""
         import ultralytics
 
         from vocdet import __version__
 
-        checkpoint["vocdet"] = {
+        return {
             "version": __version__,
             "ultralytics": ultralytics.__version__,
             "config": self.hparams["config"],
             "class_names": self.class_names,
             "imgsz": self.cfg.data.imgsz,
-            "eval": dict(self.hparams["config"]["eval"]),
         }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["vocdet"] = self.checkpoint_meta()
 
 
 def _normalise(img: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from vocdet.config import from_dict, load_config, save_config, to_dict
+from vocdet.config import Config, from_dict, load_config, save_config, to_dict
 from vocdet.data import CLASS_INDEX, VOC_CLASSES, VOCDataModule, load_records, require_root, resolve_split
 from vocdet.errors import VocdetError
 from vocdet.metrics import GroundTruth, Predictions, evaluate_detections, format_table
@@ -194,7 +194,7 @@ def evaluate(
         base = dict(ckpt["vocdet"]["config"])
         # How the model was trained (devices, DDP, max_epochs, ...) is not how to evaluate it: one device unless
         # the overrides say otherwise.
-        base["trainer"] = to_dict(load_config().trainer)
+        base["trainer"] = Config().trainer
         cfg = load_config(config_files, overrides, base=base)
         module = DetectionModule(to_dict(cfg))
         module.load_state_dict(ckpt["state_dict"])
