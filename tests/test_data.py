@@ -381,13 +381,14 @@ def test_letterbox_round_trip(hw):
     img = np.zeros((h, w, 3), np.uint8)  # black content, so the grey padding is unambiguous
     out, ratio, pad = letterbox(img, size)
     assert out.shape == (size, size, 3) and out.dtype == np.uint8
-    assert ratio == pytest.approx(min(size / h, size / w))
+    r = min(size / h, size / w)
+    assert ratio == pytest.approx((round(w * r) / w, round(h * r) / h))  # the exact gains of the rounded resize
 
     # content occupies exactly the image's mapped extent (to half a pixel); everything else is pad grey
     content = (out != PAD_VALUE).any(-1)
     ys, xs = np.nonzero(content)
     assert xs.min() == pad[0] and ys.min() == pad[1]
-    assert abs(xs.max() + 1 - (w * ratio + pad[0])) <= 0.5 and abs(ys.max() + 1 - (h * ratio + pad[1])) <= 0.5
+    assert xs.max() + 1 == round(w * ratio[0] + pad[0]) and ys.max() + 1 == round(h * ratio[1] + pad[1])
     assert content.sum() == (xs.max() + 1 - xs.min()) * (ys.max() + 1 - ys.min())
     assert (out[~content] == PAD_VALUE).all() and (out[content] == 0).all()
     # centred: the two pad strips differ by at most one pixel
@@ -396,7 +397,7 @@ def test_letterbox_round_trip(hw):
     rng = np.random.default_rng(h * 10_000 + w)
     x1, y1 = rng.uniform(0, w, 64), rng.uniform(0, h, 64)
     boxes = np.stack([x1, y1, rng.uniform(x1, w), rng.uniform(y1, h)], 1)
-    mapped = boxes * ratio + np.array([pad[0], pad[1]] * 2)
+    mapped = boxes * np.array([ratio[0], ratio[1]] * 2) + np.array([pad[0], pad[1]] * 2)
     assert (mapped >= 0).all() and (mapped <= size).all()
     back = unletterbox_boxes(torch.from_numpy(mapped), ratio, pad, w, h)
     np.testing.assert_allclose(back.numpy(), boxes, atol=1e-4)
@@ -406,7 +407,7 @@ def test_letterbox_round_trip(hw):
 
 def test_unletterbox_clips_to_the_original_image():
     _, ratio, pad = letterbox(np.zeros((100, 200, 3), np.uint8), 128)
-    assert (ratio, pad) == (0.64, (0, 32))
+    assert (ratio, pad) == ((0.64, 0.64), (0, 32))
     boxes = torch.tensor([[-10.0, 0.0, 140.0, 128.0], [64.0, 64.0, 96.0, 80.0]])
     out = unletterbox_boxes(boxes, ratio, pad, 200, 100)
     torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, 200.0, 100.0], [100.0, 50.0, 150.0, 75.0]]))
@@ -554,7 +555,9 @@ def test_mosaic_combines_images_and_close_mosaic_turns_it_off(synth_records):
         np.testing.assert_array_equal(item["cls"], r.labels[keep])
         # exactly the letterboxed record boxes (resized long side 256 == synth size, so ratio 1)
         _, ratio, pad = letterbox(np.zeros((r.height, r.width, 3), np.uint8), size)
-        expected = (r.boxes[keep] - VOC_OFFSET) * ratio + np.float32([pad[0], pad[1]] * 2)
+        expected = (r.boxes[keep] - VOC_OFFSET) * np.float32([ratio[0], ratio[1]] * 2) + np.float32(
+            [pad[0], pad[1]] * 2
+        )
         np.testing.assert_allclose(item["boxes"], expected, atol=1e-3)
 
 
@@ -637,7 +640,7 @@ def test_validation_item_is_rgb_letterboxed_with_original_gt(tmp_path):
     assert set(item) == {"img", "id", "orig_size", "ratio", "pad", "gt"}
     assert item["img"].dtype == torch.uint8 and item["img"].shape == (3, 128, 128)
     assert item["id"] == "v" and item["orig_size"] == (100, 200)
-    assert item["ratio"] == pytest.approx(0.64) and item["pad"] == (0, 32)
+    assert item["ratio"] == pytest.approx((0.64, 0.64)) and item["pad"] == (0, 32)
     # red block (20..60, 10..50) -> centre (25.6, 51.2) in the letterboxed image: R channel first
     assert item["img"][:, 51, 25].tolist() == [255, 0, 0]
     assert item["img"][:, 77, 89].tolist() == [0, 0, 255]  # blue block centre (140, 70) -> (89.6, 76.8)
@@ -653,12 +656,13 @@ def test_validation_items_on_real_images():
     ds = VOCDataset(recs, 320, augment=False)
     for r, item in zip(recs, (ds[i] for i in range(len(ds)))):
         assert item["orig_size"] == (r.height, r.width)
-        assert item["ratio"] == pytest.approx(min(320 / r.height, 320 / r.width))
+        scale = min(320 / r.height, 320 / r.width)
+        assert item["ratio"] == pytest.approx((round(r.width * scale) / r.width, round(r.height * scale) / r.height))
         assert item["img"].shape == (3, 320, 320)
         assert item["gt"][0] is r.boxes and item["gt"][1] is r.labels and item["gt"][2] is r.difficult
         # the letterboxed content is the original image, RGB, resized
         bgr = cv2.imread(r.image)
-        nh, nw = round(r.height * item["ratio"]), round(r.width * item["ratio"])
+        nh, nw = round(r.height * item["ratio"][1]), round(r.width * item["ratio"][0])
         px, py = item["pad"]
         ref = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_LINEAR)[..., ::-1].transpose(2, 0, 1)
         # any interpolation passes (INTER_AREA differs by ~1.5 on average); BGR order or a 1 px shift does not

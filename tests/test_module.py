@@ -11,10 +11,11 @@ import pytest
 import torch
 import torchvision
 
+from vocdet.boxes import non_max_suppression
 from vocdet.config import load_config, to_dict
 from vocdet.data import VOCDataset, collate, load_records, resolve_split
 from vocdet.module import DetectionModule, ModelEMA
-from vocdet.yolo import build_model, load_pretrained, non_max_suppression
+from vocdet.yolo import build_model, load_pretrained
 
 
 @pytest.fixture(scope="module")

@@ -176,29 +176,37 @@ def resize_long_side(img: np.ndarray, size: int, augment: bool) -> np.ndarray:
 
 
 def letterbox(
-    img: np.ndarray, size: int, interpolation: int = cv2.INTER_LINEAR
-) -> tuple[np.ndarray, float, tuple[int, int]]:
-    """Resize keeping aspect ratio and pad to ``size`` x ``size`` (centred, grey).
+    img: np.ndarray, size: int, interpolation: int = cv2.INTER_LINEAR, stride: int | None = None
+) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
+    """Resize keeping aspect ratio and pad (centred, grey) to ``size`` x ``size``, as Ultralytics' ``LetterBox``.
 
-    Returns (image, ratio, (pad_left, pad_top)); a box maps as ``xyxy * ratio + pad`` (see ``unletterbox_boxes``).
+    With ``stride`` the padding only reaches the next multiple of it (Ultralytics' ``auto`` mode: a 4:3 image
+    becomes 640 x 480, not 640 x 640). Returns (image, (gain_x, gain_y), (pad_left, pad_top)); a box maps as
+    ``x * gain_x + pad_left``, ``y * gain_y + pad_top`` (see ``unletterbox_boxes``). The gains are the exact ones
+    of the rounded resize (``new_width / width``), as Ultralytics' ``scale_boxes`` uses.
     """
     h, w = img.shape[:2]
     r = min(size / h, size / w)
     nw, nh = max(round(w * r), 1), max(round(h * r), 1)
     if (nw, nh) != (w, h):
         img = cv2.resize(img, (nw, nh), interpolation=interpolation)
-    dw, dh = (size - nw) / 2, (size - nh) / 2
+    dw, dh = size - nw, size - nh
+    if stride:
+        dw, dh = dw % stride, dh % stride
+    dw, dh = dw / 2, dh / 2
     top, bottom = round(dh - 0.1), round(dh + 0.1)
     left, right = round(dw - 0.1), round(dw + 0.1)
     img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-    return img, r, (left, top)
+    return img, (nw / w, nh / h), (left, top)
 
 
-def unletterbox_boxes(boxes: torch.Tensor, ratio: float, pad: tuple[int, int], width: int, height: int) -> torch.Tensor:
+def unletterbox_boxes(
+    boxes: torch.Tensor, ratio: tuple[float, float], pad: tuple[int, int], width: int, height: int
+) -> torch.Tensor:
     """Inverse of ``letterbox`` for (N, 4) xyxy boxes, clipped to the original ``width`` x ``height``."""
     out = boxes.clone()
-    out[:, [0, 2]] = ((out[:, [0, 2]] - pad[0]) / ratio).clamp(0, width)
-    out[:, [1, 3]] = ((out[:, [1, 3]] - pad[1]) / ratio).clamp(0, height)
+    out[:, [0, 2]] = ((out[:, [0, 2]] - pad[0]) / ratio[0]).clamp(0, width)
+    out[:, [1, 3]] = ((out[:, [1, 3]] - pad[1]) / ratio[1]).clamp(0, height)
     return out
 
 
@@ -379,8 +387,8 @@ class VOCDataset(Dataset):
             img, boxes, cls = self._mosaic(index)
         else:
             img, boxes, cls = self.load(index)
-            img, ratio, pad = letterbox(img, self.imgsz)
-            boxes = boxes * ratio + np.float32([pad[0], pad[1]] * 2)
+            img, (gx, gy), pad = letterbox(img, self.imgsz)
+            boxes = boxes * np.float32([gx, gy, gx, gy]) + np.float32([pad[0], pad[1]] * 2)
         img, boxes, keep = random_affine(
             img, boxes, self.imgsz, h.degrees, h.translate, h.scale, h.shear, h.perspective
         )
