@@ -72,3 +72,32 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None)
         cwd=REPO,
         stdin=subprocess.DEVNULL,
     )
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model that detects things (12 epochs at 128 px on 300 synthetic images, ~40 s) for inference tests."""
+    import vocdet
+
+    base = tmp_path_factory.mktemp("detector")
+    root = vocdet.synthesize_voc(base / "voc", images=300, seed=1, size=128, val_fraction=0.2)
+    overrides = [
+        *tiny_overrides(root, base / "runs", "detector"),
+        "data.imgsz=128",
+        "data.batch_size=16",
+        "data.num_workers=2",
+        "data.cache=true",
+        "data.close_mosaic=3",
+        "train.epochs=12",
+        "train.nbs=16",
+        "train.warmup_epochs=1",
+    ]
+    return vocdet.train(vocdet.load_config(None, overrides))
+
+
+@pytest.fixture(scope="session")
+def ultralytics_assets() -> list[Path]:
+    """bus.jpg and zidane.jpg, the real photos that ship inside the ultralytics package."""
+    from vocdet.exporter import default_parity_images
+
+    return default_parity_images()

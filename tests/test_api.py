@@ -14,7 +14,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_import_is_light_and_lists_the_api() -> None:
-    assert {"load_config", "train", "evaluate", "VOC_CLASSES"} <= set(vocdet.__all__)
+    assert {"load_config", "train", "evaluate", "export", "Detector", "Detection", "plot", "VOC_CLASSES"} <= set(
+        vocdet.__all__
+    )
+    assert callable(vocdet.export) and vocdet.Detector.__name__ == "Detector"
     assert vocdet.VOC_CLASSES[10] == "diningtable" and vocdet.VOC_CLASSES[11] == "dog"
     with pytest.raises(AttributeError):
         _ = vocdet.no_such_thing

@@ -6,6 +6,9 @@ The public API, the same functions the ``vocdet`` CLI calls::
     cfg = vocdet.load_config(["configs/quickstart.yaml"], ["train.epochs=5"])
     best = vocdet.train(cfg)                      # -> Path of best.ckpt
     metrics = vocdet.evaluate(best)               # -> dict with map50, map50_95, voc07_map50, per_class
+    detector = vocdet.Detector.from_checkpoint(best)
+    detections = detector.predict("image.jpg")[0]  # -> list[vocdet.Detection]
+    vocdet.plot("image.jpg", detections)          # -> PIL.Image
 """
 
 from __future__ import annotations
@@ -14,13 +17,27 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["VOC_CLASSES", "VocdetError", "__version__", "evaluate", "load_config", "synthesize_voc", "train"]
+__all__ = [
+    "VOC_CLASSES",
+    "Detection",
+    "Detector",
+    "VocdetError",
+    "__version__",
+    "evaluate",
+    "export",
+    "load_config",
+    "plot",
+    "synthesize_voc",
+    "train",
+]
 
 from vocdet.config import load_config
 from vocdet.errors import VocdetError
 
 if TYPE_CHECKING:
     from vocdet.data import VOC_CLASSES
+    from vocdet.detector import Detection, Detector, plot
+    from vocdet.exporter import export
     from vocdet.synth import synthesize_voc
     from vocdet.training import evaluate, train
 
@@ -29,6 +46,10 @@ _LAZY = {
     "synthesize_voc": "vocdet.synth",
     "train": "vocdet.training",
     "evaluate": "vocdet.training",
+    "Detector": "vocdet.detector",
+    "Detection": "vocdet.detector",
+    "plot": "vocdet.detector",
+    "export": "vocdet.exporter",
 }
 
 

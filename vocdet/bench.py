@@ -275,15 +275,14 @@ def score_with_ultralytics(weights_pt: Path, data_yaml: Path, s: argparse.Namesp
 
 
 def vocdet_ckpt_to_ultralytics(ckpt_path: Path, out: Path) -> Path:
-    from vocdet.module import DetectionModule
+    from vocdet.detector import network_from_checkpoint
     from vocdet.training import load_checkpoint
     from vocdet.yolo import save_ultralytics_checkpoint
 
-    ckpt = load_checkpoint(ckpt_path)
-    module = DetectionModule(ckpt["vocdet"]["config"])
-    module.load_state_dict(ckpt["state_dict"])
-    net = module.ema_model if module.ema_model is not None else module.model  # the weights vocdet validates
-    return save_ultralytics_checkpoint(net, module.class_names, module.cfg.data.imgsz, out)
+    ckpt = load_checkpoint(ckpt_path)  # the EMA weights, which vocdet validates
+    return save_ultralytics_checkpoint(
+        network_from_checkpoint(ckpt), ckpt["vocdet"]["class_names"], ckpt["vocdet"]["imgsz"], out
+    )
 
 
 def ultralytics_pt_to_vocdet(pt: Path, voc_root: Path, s: argparse.Namespace, out: Path) -> Path:

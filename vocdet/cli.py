@@ -16,7 +16,7 @@ from vocdet.errors import VocdetError
 
 app = typer.Typer(
     name="vocdet",
-    help="Train and evaluate YOLOv8 detectors on PASCAL VOC.",
+    help="Train, evaluate, export and run YOLOv8 detectors on PASCAL VOC.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -110,6 +110,79 @@ def eval_(
         output=output,
         predictions=predictions,
     )
+
+
+@app.command()
+def predict(
+    sources: Annotated[list[str], typer.Argument(help="Image files, globs or directories.", show_default=False)],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="vocdet checkpoint (.ckpt).")] = None,  # noqa: UP045
+    onnx: Annotated[Optional[Path], typer.Option(help="ONNX model from `vocdet export`.")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option(help="Output folder: annotated images + detections.json.")] = Path(
+        "runs/predict"
+    ),
+    conf: Annotated[Optional[float], typer.Option(min=0, max=1, help="Score threshold.")] = None,  # noqa: UP045
+    iou: Annotated[Optional[float], typer.Option(min=0, max=1, help="NMS IoU threshold.")] = None,  # noqa: UP045
+    max_det: Annotated[Optional[int], typer.Option(min=1, help="Detections per image.")] = None,  # noqa: UP045
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per forward pass.")] = None,  # noqa: UP045
+    device: Annotated[Optional[str], typer.Option(help="cpu|cuda|cuda:N (checkpoints).")] = None,  # noqa: UP045
+    save_images: Annotated[bool, typer.Option(help="Write annotated copies of the images.")] = True,
+) -> None:
+    """Detect objects in images; writes OUT/detections.json (the `vocdet eval --detections` format) and
+    annotated images. Thresholds default to the model's predict.* settings."""
+    from vocdet.predict import predict_files
+
+    if (checkpoint is None) == (onnx is None):
+        raise VocdetError("give exactly one of --checkpoint or --onnx")
+    failed = predict_files(
+        sources,
+        checkpoint=checkpoint,
+        onnx=onnx,
+        out=out,
+        conf=conf,
+        iou=iou,
+        max_det=max_det,
+        batch_size=batch_size,
+        device=device,
+        save_images=save_images,
+    )
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="vocdet checkpoint to export.")],
+    format: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--format", "-f", help="onnx|torchscript|ultralytics (default: export.format)."),
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Output file.")] = None,  # noqa: UP045
+    dynamic_batch: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option("--dynamic-batch/--fixed-batch", help="ONNX: any batch size."),
+    ] = None,
+    nms: Annotated[Optional[bool], typer.Option("--nms/--no-nms", help="ONNX: NMS in the graph.")] = None,  # noqa: UP045
+    half: Annotated[Optional[bool], typer.Option("--half/--full", help="fp16 weights (CUDA).")] = None,  # noqa: UP045
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset.")] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Export a checkpoint to ONNX, TorchScript or an Ultralytics .pt, then check it against PyTorch on real
+    images (a mismatch is an error and leaves no file)."""
+    from vocdet.exporter import export as run_export
+
+    extra = list(overrides or [])
+    for key, value in (
+        ("format", format),
+        ("output", output),
+        ("dynamic_batch", dynamic_batch),
+        ("nms", nms),
+        ("half", half),
+        ("opset", opset),
+    ):
+        if value is not None:
+            extra.append(f"export.{key}={str(value).lower() if isinstance(value, bool) else value}")
+    run_export(checkpoint, config_files=config, overrides=extra)
 
 
 @data_app.command("synth")

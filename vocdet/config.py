@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from vocdet.errors import VocdetError
 
 VARIANTS = ("n", "s", "m", "l", "x")
+EXPORT_FORMATS = ("onnx", "torchscript", "ultralytics")
 
 
 @dataclass
@@ -108,6 +109,33 @@ class EvalConfig:
 
 
 @dataclass
+class PredictConfig:
+    # Ultralytics' predictor defaults; eval.* holds the low threshold that mAP needs.
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 300
+    batch_size: int = 8
+    device: str = "cpu"  # cpu|cuda|cuda:N|mps
+    half: bool = False  # fp16 inference (CUDA only)
+
+
+@dataclass
+class ExportConfig:
+    format: str = "onnx"  # onnx|torchscript|ultralytics
+    output: str | None = None  # default: next to the checkpoint, with the format's suffix
+    dynamic_batch: bool = False  # ONNX: any batch size (else batch 1)
+    rect: bool = True  # ONNX: any height/width, so images keep the minimal (rectangular) letterbox
+    nms: bool = False  # ONNX: NMS inside the graph (thresholds from predict.*), outputs final boxes
+    half: bool = False  # fp16 weights (needs export.device=cuda)
+    opset: int = 17
+    device: str = "cpu"
+    # Images the exported model is checked on against PyTorch; empty = Ultralytics' bus.jpg and zidane.jpg.
+    parity_images: list[str] = field(default_factory=list)
+    parity_conf: float = 0.05  # detections compared down to this score
+    parity_min_match: float = 0.99  # share of boxes that must agree (class, IoU >= 0.99, |d score| <= 0.01)
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = True
     wandb_project: str = "vocdet"
@@ -134,6 +162,8 @@ class Config:
         default_factory=lambda: {"accelerator": "auto", "devices": 1, "num_nodes": 1, "strategy": "auto"}
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
 
@@ -230,6 +260,10 @@ def validate(cfg: DictConfig) -> None:
         raise VocdetError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
         raise VocdetError(f"logging.wandb_mode must be offline, online or disabled, got '{cfg.logging.wandb_mode}'")
+    if cfg.export.format not in EXPORT_FORMATS:
+        raise VocdetError(f"export.format must be one of {', '.join(EXPORT_FORMATS)}, got '{cfg.export.format}'")
+    if not 0 <= cfg.predict.conf <= 1 or not 0 <= cfg.predict.iou <= 1:
+        raise VocdetError("predict.conf and predict.iou must be between 0 and 1")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise VocdetError(f"model.weights file not found: {cfg.model.weights}")
     import lightning  # deferred: keeps `vocdet --help` fast
