@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vocdet-installed
 
-.PHONY: setup train test test-fast bench lint format clean
+.PHONY: setup train test test-fast bench bench-predict lint format clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ test-fast: setup
 ## vocdet vs Ultralytics' trainer side by side (minutes; not part of `make test`); writes runs/bench/results.json.
 bench: setup
 	$(BIN)/python -m vocdet.bench
+
+## Inference latency/throughput: Detector (PyTorch, ONNX Runtime) vs Ultralytics' YOLO.predict (needs `make train`).
+bench-predict: setup
+	$(BIN)/python -m vocdet.bench_predict
 
 lint: setup
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -73,3 +74,18 @@ def test_timed_metrics_compute_the_same_numbers() -> None:
     m = metric_speed(n_images=200)
     assert m["map50_95_vocdet"] == m["map50_95_pycocotools"] > 0
     assert m["vocdet_s"] > 0 and m["pycocotools_s"] > 0
+
+
+def test_bench_predict_prints_and_writes_its_figures(
+    checkpoint: Path, sample_root: Path, tmp_path: Path, capsys
+) -> None:
+    from vocdet.bench_predict import main
+
+    r = main(["--checkpoint", str(checkpoint), "--images", str(sample_root / "JPEGImages"), "--imgsz", "128",
+              "--n", "4", "--batch", "2", "--out", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Detector (ONNX Runtime)" in out and "÷ Ultralytics" in out
+    saved = json.loads((tmp_path / "predict.json").read_text())
+    for name in ("ultralytics", "torch", "onnx"):
+        assert saved[name]["median_ms"] > 0 and saved[name]["batch2_img_s"] > 0
+    assert saved["torch_latency_ratio"] == pytest.approx(r["torch"]["median_ms"] / r["ultralytics"]["median_ms"])
