@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from vocdet.boxes import PAD_VALUE, letterbox, unletterbox_boxes  # noqa: F401 - part of this module's API
 from vocdet.errors import VocdetError
 
 log = logging.getLogger("vocdet")
@@ -36,7 +37,6 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
-PAD_VALUE = 114  # grey used by Ultralytics for letterbox/mosaic/affine borders
 # VOC XML corners are 1-based inclusive pixels: the object spans xmin-1 .. xmax in continuous coordinates.
 VOC_OFFSET = np.float32([1, 1, 0, 0])
 
@@ -173,41 +173,6 @@ def resize_long_side(img: np.ndarray, size: int, augment: bool) -> np.ndarray:
         return img
     w, h = min(math.ceil(w0 * r), size), min(math.ceil(h0 * r), size)
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR if (augment or r > 1) else cv2.INTER_AREA)
-
-
-def letterbox(
-    img: np.ndarray, size: int, interpolation: int = cv2.INTER_LINEAR, stride: int | None = None
-) -> tuple[np.ndarray, tuple[float, float], tuple[int, int]]:
-    """Resize keeping aspect ratio and pad (centred, grey) to ``size`` x ``size``, as Ultralytics' ``LetterBox``.
-
-    With ``stride`` the padding only reaches the next multiple of it (Ultralytics' ``auto`` mode: a 4:3 image
-    becomes 640 x 480, not 640 x 640). Returns (image, (gain_x, gain_y), (pad_left, pad_top)); a box maps as
-    ``x * gain_x + pad_left``, ``y * gain_y + pad_top`` (see ``unletterbox_boxes``). The gains are the exact ones
-    of the rounded resize (``new_width / width``), as Ultralytics' ``scale_boxes`` uses.
-    """
-    h, w = img.shape[:2]
-    r = min(size / h, size / w)
-    nw, nh = max(round(w * r), 1), max(round(h * r), 1)
-    if (nw, nh) != (w, h):
-        img = cv2.resize(img, (nw, nh), interpolation=interpolation)
-    dw, dh = size - nw, size - nh
-    if stride:
-        dw, dh = dw % stride, dh % stride
-    dw, dh = dw / 2, dh / 2
-    top, bottom = round(dh - 0.1), round(dh + 0.1)
-    left, right = round(dw - 0.1), round(dw + 0.1)
-    img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
-    return img, (nw / w, nh / h), (left, top)
-
-
-def unletterbox_boxes(
-    boxes: torch.Tensor, ratio: tuple[float, float], pad: tuple[int, int], width: int, height: int
-) -> torch.Tensor:
-    """Inverse of ``letterbox`` for (N, 4) xyxy boxes, clipped to the original ``width`` x ``height``."""
-    out = boxes.clone()
-    out[:, [0, 2]] = ((out[:, [0, 2]] - pad[0]) / ratio[0]).clamp(0, width)
-    out[:, [1, 3]] = ((out[:, [1, 3]] - pad[1]) / ratio[1]).clamp(0, height)
-    return out
 
 
 def random_hsv(img: np.ndarray, hgain: float, sgain: float, vgain: float) -> None:

@@ -23,13 +23,20 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from vocdet.boxes import non_max_suppression
-from vocdet.data import letterbox, unletterbox_boxes
+from vocdet.boxes import letterbox, non_max_suppression, unletterbox_boxes
 from vocdet.errors import VocdetError
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]  # noqa: UP007 - a runtime alias
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
+class ImageError(VocdetError):
+    """An input that is not a usable image; ``kind`` is one of empty, truncated, undecodable, too_large."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -69,11 +76,13 @@ def decode_image(data: bytes | np.ndarray, name: str = "image", max_pixels: int 
     """
     buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
     if buf.size == 0:
-        raise VocdetError(f"{name} is empty, not an image")
+        raise ImageError(f"{name} is empty, not an image", "empty")
     if max_pixels is not None:
         _check_pixels(buf, name, max_pixels)
     if buf[:2].tobytes() == b"\xff\xd8" and b"\xff\xd9" not in buf[-4096:].tobytes():
-        raise VocdetError(f"{name} is a truncated JPEG (no end-of-image marker); re-export or re-download it")
+        raise ImageError(
+            f"{name} is a truncated JPEG (no end-of-image marker); re-export or re-download it", "truncated"
+        )
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     if img is not None:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -81,8 +90,9 @@ def decode_image(data: bytes | np.ndarray, name: str = "image", max_pixels: int 
         with Image.open(io.BytesIO(buf.tobytes())) as pil:
             return pil_to_rgb(pil)
     except Exception:
-        raise VocdetError(
-            f"cannot decode {name}: not an image, or a truncated one (JPEG, PNG, BMP, WebP, ...)"
+        raise ImageError(
+            f"cannot decode {name}: not an image, or a truncated one (JPEG, PNG, BMP, WebP, ...)",
+            "undecodable",
         ) from None
 
 
@@ -92,11 +102,11 @@ def _check_pixels(buf: np.ndarray, name: str, max_pixels: int) -> None:
         with Image.open(io.BytesIO(buf.tobytes())) as pil:
             w, h = pil.size
     except Image.DecompressionBombError:
-        raise VocdetError(f"{name} is too large to decode safely (limit {max_pixels} pixels)") from None
+        raise ImageError(f"{name} is too large to decode safely (limit {max_pixels} pixels)", "too_large") from None
     except Exception:
         return  # not something Pillow reads: decode_image reports it
     if w * h > max_pixels:
-        raise VocdetError(f"{name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        raise ImageError(f"{name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}", "too_large")
 
 
 def read_image(path: str | Path) -> np.ndarray:
