@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vocdet-installed
 
-.PHONY: setup train test test-fast bench bench-predict lint format clean
+.PHONY: setup browser train test test-fast bench bench-predict serve loadtest soak lint format clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 train: setup
 	$(BIN)/vocdet train --config configs/quickstart.yaml
 
-## The test suite (CPU, no network) with coverage.
-test: setup
+## Debian's chromium for the web-page test (apt-get when missing: needs root or sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
+## The test suite (CPU, no network beyond loopback) with coverage.
+test: setup browser
 	$(BIN)/python -m pytest --cov=vocdet --cov-report=term-missing:skip-covered
 
 ## Unit tests only (seconds).
@@ -33,6 +38,19 @@ bench: setup
 ## Inference latency/throughput: Detector (PyTorch, ONNX Runtime) vs Ultralytics' YOLO.predict (needs `make train`).
 bench-predict: setup
 	$(BIN)/python -m vocdet.bench_predict
+
+## Export the `make train` checkpoint to ONNX and serve it on http://127.0.0.1:8000 (Ctrl-C or SIGTERM stops).
+serve: setup
+	test -f runs/quickstart/checkpoints/best.onnx || $(BIN)/vocdet export --checkpoint runs/quickstart/checkpoints/best.ckpt --dynamic-batch
+	$(BIN)/vocdet serve --onnx runs/quickstart/checkpoints/best.onnx
+
+## Load test of `vocdet serve` on loopback (batched vs batching off vs a model-per-request baseline).
+loadtest: setup
+	$(BIN)/python -m vocdet.loadtest
+
+## 10,000 requests at 32 clients: errors and server RSS after 1k vs 10k.
+soak: setup
+	$(BIN)/python -m vocdet.loadtest --soak
 
 lint: setup
 	$(BIN)/ruff check .

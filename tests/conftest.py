@@ -101,3 +101,65 @@ def ultralytics_assets() -> list[Path]:
     from vocdet.exporter import default_parity_images
 
     return default_parity_images()
+
+
+class ServerProcess:
+    """A real ``vocdet serve`` process on a free loopback port (``url``), started and waited for until ready."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 60.0):
+        import time
+
+        import httpx
+
+        from vocdet.loadtest import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vocdet", "serve", "--port", str(self.port), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            cwd=REPO,
+        )
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vocdet serve exited with {self.proc.returncode}:\n{self.proc.stdout.read()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"vocdet serve was not ready within {ready_timeout} s")
+
+    def stop(self, timeout: float = 30.0) -> str:
+        """SIGTERM, wait, and return everything the server printed."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.stdout.read() if self.proc.stdout else ""
+
+
+@pytest.fixture(scope="session")
+def onnx_model(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``checkpoint`` fixture exported to ONNX (dynamic batch), as ``vocdet serve --onnx`` takes it."""
+    from vocdet.exporter import export
+
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    return export(checkpoint, overrides=["export.dynamic_batch=true", f"export.output={out}"])
+
+
+@pytest.fixture(scope="module")
+def server(onnx_model: Path):
+    """A running ``vocdet serve --onnx`` on loopback (module-scoped; stopped with SIGTERM afterwards)."""
+    srv = ServerProcess("--onnx", str(onnx_model), "--name", "voc")
+    yield srv
+    srv.stop()

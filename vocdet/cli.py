@@ -185,6 +185,36 @@ def export(
     run_export(checkpoint, config_files=config, overrides=extra)
 
 
+@app.command()
+def serve(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Serve this checkpoint.")] = None,  # noqa: UP045
+    onnx: Annotated[Optional[Path], typer.Option(help="Serve this ONNX export.")] = None,  # noqa: UP045
+    name: Annotated[str, typer.Option(help="Name of the --checkpoint/--onnx model.")] = "default",
+    host: Annotated[Optional[str], typer.Option(help="Bind address (serve.host).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port (serve.port).")] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Serve models over HTTP: POST /predict, /predict/{model}, /predict/batch; GET /models, /healthz, /readyz,
+    /metrics, and a web page at /."""
+    from vocdet.config import load_config
+    from vocdet.serve.run import serve as run_serve
+
+    extra = list(overrides or [])
+    if host is not None:
+        extra.append(f"serve.host={host}")
+    if port is not None:
+        extra.append(f"serve.port={port}")
+    cfg = load_config(config, extra)
+    if checkpoint is not None and onnx is not None:
+        raise VocdetError("give one of --checkpoint or --onnx (list more models in serve.models)")
+    model = checkpoint or onnx
+    models = {name: model} if model is not None else {}
+    if not models and not cfg.serve.models:
+        raise VocdetError("no model to serve: give --onnx M or --checkpoint C, or list serve.models in a config")
+    run_serve(cfg, models)
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Output folder (flat VOC layout).")],

@@ -136,6 +136,27 @@ class ExportConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Models served by name: [{name: voc, path: runs/quickstart/checkpoints/best.onnx}] (.onnx, .ckpt, .torchscript)
+    models: list[dict[str, str]] = field(default_factory=list)
+    device: str = "cpu"  # for checkpoints
+    max_batch_size: int = 8  # 1 turns micro-batching off
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_queue: int = 64  # requests admitted per model (decoding, queued or running); beyond: 503 + Retry-After
+    decode_threads: int = 2  # threads that decode and letterbox uploads, off the event loop
+    max_upload_mb: float = 20.0  # request bodies above this: 413
+    max_pixels: int = 40_000_000  # images above this many pixels are refused from their header (413)
+    max_batch_images: int = 32  # images per POST /predict/batch
+    request_timeout_s: float = 30.0  # a request waiting longer for inference gets 503
+    admin_token: str | None = None  # enables POST /models (Bearer); prefer the VOCDET_ADMIN_TOKEN env variable
+    admin_max_model_mb: float = 500.0
+    model_dir: str | None = None  # where uploaded models are stored; default: a temporary directory
+    graceful_timeout_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
+
+
+@dataclass
 class LoggingConfig:
     wandb: bool = True
     wandb_project: str = "vocdet"
@@ -164,6 +185,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
 
@@ -264,6 +286,8 @@ def validate(cfg: DictConfig) -> None:
         raise VocdetError(f"export.format must be one of {', '.join(EXPORT_FORMATS)}, got '{cfg.export.format}'")
     if not 0 <= cfg.predict.conf <= 1 or not 0 <= cfg.predict.iou <= 1:
         raise VocdetError("predict.conf and predict.iou must be between 0 and 1")
+    if cfg.serve.max_batch_size < 1 or cfg.serve.max_queue < 1 or cfg.serve.decode_threads < 1:
+        raise VocdetError("serve.max_batch_size, serve.max_queue and serve.decode_threads must be >= 1")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise VocdetError(f"model.weights file not found: {cfg.model.weights}")
     import lightning  # deferred: keeps `vocdet --help` fast
