@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vocdet-installed
 
-.PHONY: setup browser train test test-fast bench bench-predict serve loadtest soak lint format clean
+.PHONY: setup browser train test test-fast bench bench-predict serve loadtest soak docker-build lint format clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ serve: setup
 ## Load test of `vocdet serve` on loopback (batched vs batching off vs a model-per-request baseline).
 loadtest: setup
 	$(BIN)/python -m vocdet.loadtest
+
+## The training (CUDA) and serving (CPU, ONNX Runtime) images; needs a Docker engine.
+docker-build:
+	docker build -f docker/train.Dockerfile -t vocdet-train .
+	docker build -f docker/serve.Dockerfile -t vocdet-serve .
 
 ## 10,000 requests at 32 clients: errors and server RSS after 1k vs 10k.
 soak: setup

@@ -132,7 +132,11 @@ def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
 
 
 class ModelSlot:
-    """A named, loaded, warmed-up detector with its admission counter and batcher (counters: event loop only)."""
+    """A named, loaded, warmed-up detector with its admission counters and batcher.
+
+    The counters are changed on the event loop only; the batcher thread only reads ``decoding`` (a plain int read,
+    atomic in CPython), as a hint whether to wait for more requests.
+    """
 
     def __init__(self, name: str, detector: Detector, path: Path, max_queue: int):
         self.name, self.detector, self.path, self.max_queue = name, detector, path, max_queue
