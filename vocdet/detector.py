@@ -298,14 +298,15 @@ class Detector:
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | Path, **kwargs: Any) -> Detector:
-        """Pick the loader from the file: ``.ckpt`` checkpoint, ``.onnx``, ``.torchscript``."""
+    def load(cls, path: str | Path, device: str | None = None) -> Detector:
+        """Pick the loader from the file: ``.ckpt`` checkpoint, ``.onnx``, ``.torchscript`` (``device`` for the
+        PyTorch ones; ONNX Runtime picks its provider)."""
         suffix = Path(path).suffix.lower()
         if suffix == ".onnx":
-            return cls.from_onnx(path, **kwargs)
+            return cls.from_onnx(path)
         if suffix in (".torchscript", ".ts"):
-            return cls.from_torchscript(path, **kwargs)
-        return cls.from_checkpoint(path, **kwargs)
+            return cls.from_torchscript(path, device or "cpu")
+        return cls.from_checkpoint(path, device)
 
     @classmethod
     def from_checkpoint(
@@ -316,12 +317,27 @@ class Detector:
         Class names, image size and thresholds (``predict.*``) come from the config stored in the checkpoint;
         ``device``/``half``/``imgsz`` override them.
         """
-        from vocdet.config import from_dict
         from vocdet.training import load_checkpoint
 
-        ckpt = load_checkpoint(path)
+        return cls.from_loaded_checkpoint(load_checkpoint(path), device, half=half, imgsz=imgsz, source=str(path))
+
+    @classmethod
+    def from_loaded_checkpoint(
+        cls,
+        ckpt: dict[str, Any],
+        device: str | None = None,
+        *,
+        half: bool | None = None,
+        imgsz: int | None = None,
+        config: Any = None,
+        source: str = "",
+    ) -> Detector:
+        """:meth:`from_checkpoint` for a checkpoint dict already read by ``training.load_checkpoint``; ``config``
+        (a resolved config tree) replaces the stored one for the ``predict.*`` settings."""
+        from vocdet.config import from_dict
+
         meta = ckpt["vocdet"]
-        cfg = from_dict(meta["config"])
+        cfg = config if config is not None else from_dict(meta["config"])
         net = network_from_checkpoint(ckpt)
         device = device or cfg.predict.device
         half = cfg.predict.half if half is None else half
@@ -335,8 +351,23 @@ class Detector:
             iou=cfg.predict.iou,
             max_det=cfg.predict.max_det,
             batch_size=cfg.predict.batch_size,
-            source=str(path),
+            source=source,
             metadata={k: v for k, v in meta.items() if k != "config"},
+        )
+
+    def with_backend(self, backend: Callable[[torch.Tensor], Any], source: str = "") -> Detector:
+        """Another detector over ``backend`` with this one's classes, image size, stride and thresholds."""
+        return Detector(
+            backend,
+            self.class_names,
+            self.imgsz,
+            stride=self.stride,
+            conf=self.conf,
+            iou=self.iou,
+            max_det=self.max_det,
+            batch_size=self.batch_size,
+            source=source,
+            metadata=self.metadata,
         )
 
     @classmethod

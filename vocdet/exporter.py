@@ -145,15 +145,7 @@ def export(
 
     net = network_from_checkpoint(ckpt).fuse()
     meta = _metadata(ckpt, cfg, out)
-    reference = Detector(
-        _TorchBackend(deepcopy(net), e.device, half=False),
-        meta["class_names"],
-        meta["imgsz"],
-        stride=meta["stride"],
-        conf=cfg.predict.conf,
-        iou=cfg.predict.iou,
-        max_det=cfg.predict.max_det,
-    )
+    reference = Detector.from_loaded_checkpoint(ckpt, e.device, half=False, config=cfg, source=str(checkpoint))
     tmp = out.with_name(out.name + ".partial")
     try:
         if e.format == "onnx":
@@ -164,7 +156,9 @@ def export(
             candidate = Detector.from_torchscript(tmp, device=e.device)
         else:
             save_ultralytics_checkpoint(network_from_checkpoint(ckpt), meta["class_names"], meta["imgsz"], tmp)
-            candidate = _ultralytics_detector(tmp, reference, e.device)
+            # read back the way Ultralytics reads it: its pickled model
+            written = torch.load(tmp, map_location="cpu", weights_only=False)["model"].float().fuse()
+            candidate = reference.with_backend(_TorchBackend(written, e.device, half=False))
         report = parity(reference, candidate, [read_image(p) for p in parity_paths], e.parity_conf, e.half)
         diff = "n/a (NMS in graph)" if candidate.nms_in_graph else f"{report['max_abs_diff']:.2e}"
         print(
@@ -279,20 +273,6 @@ def _write_torchscript(net: nn.Module, cfg: DictConfig, meta: dict[str, Any], pa
     with torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False, strict=False)
     torch.jit.save(traced, str(path), _extra_files={"vocdet.json": json.dumps(meta)})
-
-
-def _ultralytics_detector(path: Path, reference: Detector, device: str) -> Detector:
-    """The written ``.pt`` read back the way Ultralytics reads it (its pickled model), for the parity check."""
-    net = torch.load(path, map_location="cpu", weights_only=False)["model"].float().fuse()
-    return Detector(
-        _TorchBackend(net, device, half=False),
-        reference.class_names,
-        reference.imgsz,
-        stride=reference.stride,
-        conf=reference.conf,
-        iou=reference.iou,
-        max_det=reference.max_det,
-    )
 
 
 def parity(reference: Detector, candidate: Detector, images: list[Any], conf: float, half: bool) -> dict[str, Any]:

@@ -204,7 +204,7 @@ class State:
     def load(self, name: str, path: Path) -> ModelSlot:
         """Load, warm up and start serving one model (blocking: runs on the loader thread)."""
         s = self.s
-        detector = Detector.from_checkpoint(path, s.device) if path.suffix == ".ckpt" else Detector.load(path)
+        detector = Detector.load(path, device=s.device)
         slot = ModelSlot(name, detector, path, s.max_queue)
         slot.warm_up()
         slot.batcher = MicroBatcher(slot, s.max_batch_size, s.max_wait_ms, self.metrics)
@@ -219,8 +219,6 @@ class State:
     def slot(self, name: str | None) -> ModelSlot:
         if self.load_error:
             raise HTTPException(503, self.load_error)
-        if not self.ready and name in self.specs and name not in self.slots:
-            raise HTTPException(503, f"model '{name}' is still loading", headers={"Retry-After": "1"})
         key = name or self.default
         if key is None:
             raise HTTPException(404, "no model is loaded (start vocdet serve with --onnx or --checkpoint)")
@@ -438,20 +436,13 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
             raise HTTPException(422, str(e)) from None
 
     def admit(slot: ModelSlot, n: int) -> None:
-        if slot.admitted + n > slot.max_queue:
+        try:
+            slot.admit(n)
+        except Overloaded:
             raise HTTPException(
                 503, f"model '{slot.name}' is at its queue limit ({slot.max_queue}); retry shortly",
                 headers={"Retry-After": "1"},
-            )  # fmt: skip
-        for _ in range(n):
-            try:
-                slot.admit()
-            except Overloaded:  # cannot happen after the check above (single-threaded loop)
-                raise HTTPException(503, "overloaded", headers={"Retry-After": "1"}) from None
-
-    def release(slot: ModelSlot, n: int, decoded: list[int]) -> None:
-        slot.admitted -= n
-        slot.decoding -= n - decoded[0]  # images whose decoding never started (a cancelled request)
+            ) from None  # fmt: skip
 
     def response(slot: ModelSlot, image: Any, result: Result, decode_ms: float, t0: float) -> PredictResponse:
         h, w = image.shape[:2]
@@ -472,7 +463,7 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
         try:
             image, result, decode_ms = await run_one(slot, name, data, conf, iou, max_det, decoded)
         finally:
-            release(slot, 1, decoded)
+            slot.release(1, decoded[0])
         if annotate:
             jpeg = await asyncio.get_running_loop().run_in_executor(
                 state.decoder, _annotated_jpeg, image, result.detections
@@ -524,7 +515,7 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
                 *(run_one(slot, n, d, conf, iou, max_det, decoded) for n, d in images), return_exceptions=True
             )
         finally:
-            release(slot, len(images), decoded)
+            slot.release(len(images), decoded[0])
         for o in outs:
             if isinstance(o, BaseException):
                 raise o

@@ -149,11 +149,17 @@ class ModelSlot:
         d = self.detector
         d.infer([d.prepare(np.full((d.imgsz, d.imgsz, 3), 114, np.uint8))])
 
-    def admit(self) -> None:
-        if self.admitted >= self.max_queue:
+    def admit(self, n: int = 1) -> None:
+        """Admit ``n`` images at once, or none (``Overloaded``) when that would pass ``max_queue``."""
+        if self.admitted + n > self.max_queue:
             raise Overloaded(self.name)
-        self.admitted += 1
-        self.decoding += 1
+        self.admitted += n
+        self.decoding += n
+
+    def release(self, n: int, decoded: int) -> None:
+        """``n`` admitted images are answered; ``decoded`` of them went through decoding (which counts itself down)."""
+        self.admitted -= n
+        self.decoding -= n - decoded  # images whose decoding never started (a cancelled request)
 
     def info(self) -> dict[str, Any]:
         d = self.detector
