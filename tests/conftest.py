@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -75,8 +76,11 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None)
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model that detects things (12 epochs at 128 px on 300 synthetic images, ~40 s) for inference tests."""
+def detector_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A model that detects things (12 epochs at 128 px on 300 synthetic images, ~40 s), trained in-process.
+
+    ``overrides`` reproduce it (the resume test trains them again with interruptions); ``best`` is the checkpoint.
+    """
     import vocdet
 
     base = tmp_path_factory.mktemp("detector")
@@ -92,7 +96,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "train.nbs=16",
         "train.warmup_epochs=1",
     ]
-    return vocdet.train(vocdet.load_config(None, overrides))
+    return SimpleNamespace(overrides=overrides, best=vocdet.train(vocdet.load_config(None, overrides)))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(detector_run: SimpleNamespace) -> Path:
+    """The best checkpoint of ``detector_run``, for inference tests."""
+    return detector_run.best
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,26 @@ def test_train_writes_run_directory(trained: Path, synth_root: Path) -> None:
     assert meta["imgsz"] == 64 and meta["class_names"][14] == "person" and meta["config"]["data"]["imgsz"] == 64
     assert ckpt["hyper_parameters"]["config"]["run"]["name"] == "tiny"
     assert any(k.startswith("ema_model.") for k in ckpt["state_dict"])
+    assert_plots(trained / "plots", num_val=len(metrics["image_ids"]))
+
+
+def assert_plots(folder: Path, num_val: int) -> None:
+    """The report files exist, are real images of sensible size, and the PR data covers the classes with gt."""
+    from PIL import Image
+
+    for name, min_size in (
+        ("pr_curve.png", (800, 500)),
+        ("confusion_matrix.png", (1000, 800)),
+        ("per_class_ap.png", (600, 300)),
+        ("val_predictions.jpg", (320, 320)),
+    ):
+        with Image.open(folder / name) as im:
+            assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1], (name, im.size)
+            assert len(set(im.convert("L").resize((64, 64)).getdata())) > 8, name  # not a blank canvas
+    with Image.open(folder / "val_predictions.jpg") as im:
+        assert im.size[1] == 320 * ((min(num_val, 16) + 3) // 4)
+    rows = (folder / "pr_curve.csv").read_text().splitlines()
+    assert rows[0] == "class,recall,precision" and (len(rows) - 1) % 101 == 0 and len(rows) > 1
 
 
 def test_eval_checkpoint_and_detections_file_agree(trained: Path, tmp_path: Path) -> None:
@@ -63,6 +83,7 @@ def test_eval_checkpoint_and_detections_file_agree(trained: Path, tmp_path: Path
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     from_ckpt = json.loads(out.read_text())
+    assert_plots(tmp_path / "plots", num_val=len(from_ckpt["image_ids"]))  # eval writes them beside --output
     # The checkpoint alone was enough: data root, image size and thresholds came from inside it.
     assert from_ckpt["map50"] == pytest.approx(json.loads((trained / "metrics.json").read_text())["map50"], abs=1e-9)
     rows = json.loads(preds.read_text())
@@ -164,26 +185,67 @@ def test_real_sample_train_then_eval(sample_root: Path, tmp_path: Path) -> None:
     assert sum(c["num_difficult"] for c in per.values()) == 38
 
 
-def test_wandb_offline_run_is_written(synth_root: Path, tmp_path: Path) -> None:
-    args = [a for a in tiny_overrides(synth_root, tmp_path, "wb") if not a.startswith("logging.wandb")]
-    proc = run_cli("train", *args, "logging.wandb=true", "logging.log_every_n_steps=1", env={"WANDB_MODE": "offline"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    log = list(runs[0].glob("run-*.wandb"))  # the transaction log `wandb sync` uploads later
+def _wandb_records(run_dir: Path) -> list[dict]:
+    """The records of an offline run's transaction log (what `wandb sync` uploads), read by W&B's own reader."""
+    log = list(run_dir.glob("run-*.wandb"))
     assert len(log) == 1
-    # Read it back with W&B's own reader: the config and the logged metrics must be in it.
     wandb_bin = Path(sys.executable).with_name("wandb")
     dump = subprocess.run(
         [str(wandb_bin), "leet", "inspect", "--json", str(log[0])], capture_output=True, text=True, timeout=120
     )
-    records = [json.loads(line) for line in dump.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in dump.stdout.splitlines() if line.startswith("{")]
+
+
+def test_wandb_offline_run_holds_config_metrics_images_and_artifacts(synth_root: Path, tmp_path: Path) -> None:
+    args = [a for a in tiny_overrides(synth_root, tmp_path, "wb") if not a.startswith("logging.wandb")]
+    extra = ["logging.wandb=true", "logging.log_every_n_steps=1", "logging.wandb_images=3", "eval.conf=0.00001"]
+    proc = run_cli("train", *args, *extra, env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = _wandb_records(runs[0])
     run = next(r for r in records if r["type"] == "run")
+    run_id = run["run"]["run_id"]
     assert run["run"]["config"]["update"]["data"]["imgsz"] == 64
     assert run["run"]["config"]["update"]["train"]["lr0"] == 0.01
-    history = json.dumps([r for r in records if r["type"] == "history"])
-    for key in ("val/map50", "val/map50_95", "train/loss_step", "lr/bias"):
-        assert key in history, key
+    assert "api_key" not in json.dumps(run["run"]["config"]).lower()
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    logged = set().union(*history)
+    for key in ("val/map50", "val/map50_95", "train/loss_step", "lr/bias", "lr/weight", "lr/bn"):
+        assert key in logged, key
+    # Validation images with predicted and true boxes: W&B stores the boxes as JSON files beside the images.
+    images = [h for h in history if h.get("val/predictions._type") == "images/separated"]
+    assert images and images[-1]["val/predictions.count"] == 3
+    boxes = images[-1]["val/predictions.all_boxes"]
+    assert len(boxes) == 3 and all(set(b) == {"predictions", "ground_truth"} for b in boxes)
+    truth = json.loads((runs[0] / "files" / boxes[0]["ground_truth"]["path"]).read_text())
+    assert truth["box_data"] and truth["class_labels"]["14"] == "person"
+    first = truth["box_data"][0]["position"]
+    assert first["maxX"] > first["minX"] >= 0 and first["maxY"] > first["minY"] >= 0
+    for name in images[-1]["val/predictions.filenames"]:
+        assert (runs[0] / "files" / name).is_file()
+    # The best checkpoint as a model artifact, and the final metrics in the summary.
+    arts = [r["artifact"] for r in records if r["type"] == "artifact"]
+    assert [a["name"] for a in arts] == [f"model-{run_id}"]
+    assert set(arts[0]["aliases"]) >= {"best", "latest"}
+    assert [c["path"] for c in arts[0]["manifest"]["contents"]] == ["best.ckpt"]
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"]["update"])
+    assert "final/map50" in summary
+
+    # `vocdet export` adds the ONNX file to the same run (W&B resumes it by id; sync merges the two parts).
+    ckpt = tmp_path / "wb" / "checkpoints" / "best.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True)["vocdet"]["wandb_id"] == run_id
+    proc = run_cli("export", "--checkpoint", str(ckpt), env={"WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parts = sorted((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}*"))
+    assert len(parts) == 2
+    exported = [r["artifact"] for p in parts for r in _wandb_records(p) if r["type"] == "artifact"]
+    onnx = next(a for a in exported if a["name"] == f"model-{run_id}-onnx")
+    assert [c["path"] for c in onnx["manifest"]["contents"]] == ["best.onnx"]
+    assert json.loads(onnx["metadata"])["format"] == "onnx"
 
 
 @pytest.mark.parametrize(

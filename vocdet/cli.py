@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vocdet.errors import VocdetError
+from vocdet.errors import TrainingStopped, VocdetError
 
 app = typer.Typer(
     name="vocdet",
@@ -50,6 +50,10 @@ def train(
     nodes: Annotated[Optional[int], typer.Option(help="Number of nodes (multi-node DDP).")] = None,  # noqa: UP045
     accelerator: Annotated[Optional[str], typer.Option(help="cpu|gpu|cuda|mps|auto.")] = None,  # noqa: UP045
     devices: Annotated[Optional[int], typer.Option(help="Devices per node (DDP when > 1).")] = None,  # noqa: UP045
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run's last.ckpt (train.resume=true).")] = False,
+    sync_batchnorm: Annotated[
+        bool, typer.Option("--sync-batchnorm", help="BatchNorm statistics over all DDP ranks.")
+    ] = False,
 ) -> None:
     """Train YOLOv8 on VOC, then evaluate the best checkpoint (writes <run.dir>/<run.name>/metrics.json)."""
     from vocdet.config import load_config
@@ -79,6 +83,10 @@ def train(
             extra.append("trainer.strategy=ddp")
     if nodes is not None:
         extra += [f"trainer.num_nodes={nodes}", "trainer.strategy=ddp"]
+    if resume:
+        extra.append("train.resume=true")
+    if sync_batchnorm:
+        extra.append("trainer.sync_batchnorm=true")
     cfg = load_config(config, extra)
     best = run_train(cfg)
     typer.echo(f"best checkpoint: {best}")
@@ -96,6 +104,17 @@ def eval_(
         Optional[Path],  # noqa: UP045
         typer.Option(help="Write the model's detections JSON here."),
     ] = None,
+    plots: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="Folder for PR curves, confusion matrix, per-class AP and a prediction grid "
+            "(default: plots/ beside --output, else runs/eval/plots; logging.plots=false: none)."
+        ),
+    ] = None,
+    summary: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(help="Write just mAP50, mAP50-95, VOC07 mAP50 and the image count here (DVC metrics)."),
+    ] = None,
     config: ConfigOpt = None,
     overrides: OverridesArg = None,
 ) -> None:
@@ -109,6 +128,8 @@ def eval_(
         detections=detections,
         output=output,
         predictions=predictions,
+        plots=plots or (output.parent / "plots" if output else Path("runs/eval/plots")),
+        summary=summary,
     )
 
 
@@ -252,9 +273,12 @@ def main() -> None:
     _setup_logging()
     try:
         app()
+    except TrainingStopped as e:
+        typer.echo(f"stopped: {e}", err=True)
+        sys.exit(e.exit_code)
     except VocdetError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

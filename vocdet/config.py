@@ -22,6 +22,7 @@ from vocdet.errors import VocdetError
 
 VARIANTS = ("n", "s", "m", "l", "x")
 EXPORT_FORMATS = ("onnx", "torchscript", "ultralytics")
+PROFILERS = ("simple", "advanced", "pytorch")
 
 
 @dataclass
@@ -98,6 +99,7 @@ class TrainConfig:
     amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
     val_every: int = 1  # validate every N epochs (and always after the last)
     channels_last: bool = True  # NHWC activations: faster convolutions on CPU (oneDNN) and on tensor cores
+    resume: bool = False  # continue <run.dir>/<run.name>/checkpoints/last.ckpt (weights, EMA, optimizer, epoch, step)
 
 
 @dataclass
@@ -163,6 +165,9 @@ class LoggingConfig:
     wandb_mode: str = "offline"  # offline|online|disabled; WANDB_MODE in the environment wins
     csv: bool = True
     log_every_n_steps: int = 10
+    wandb_images: int = 16  # validation images logged with predicted and true boxes after each validation
+    wandb_artifacts: bool = True  # the best checkpoint (training) and ONNX (`vocdet export`) as W&B model artifacts
+    plots: bool = True  # <run>/plots: PR curves, confusion matrix, per-class AP, a grid of validation predictions
 
 
 @dataclass
@@ -180,7 +185,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     # Passed as keyword arguments to lightning.Trainer (validated against its signature).
     trainer: dict[str, Any] = field(
-        default_factory=lambda: {"accelerator": "auto", "devices": 1, "num_nodes": 1, "strategy": "auto"}
+        default_factory=lambda: {
+            "accelerator": "auto",
+            "devices": 1,
+            "num_nodes": 1,
+            "strategy": "auto",
+            "sync_batchnorm": False,
+            "profiler": None,
+        }
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
@@ -290,7 +302,18 @@ def validate(cfg: DictConfig) -> None:
         raise VocdetError("serve.max_batch_size, serve.max_queue and serve.decode_threads must be >= 1")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise VocdetError(f"model.weights file not found: {cfg.model.weights}")
+    if cfg.trainer.get("profiler") not in (None, *PROFILERS):
+        raise VocdetError(
+            f"trainer.profiler must be one of {', '.join(PROFILERS)} or null, got '{cfg.trainer.profiler}'"
+        )
     import lightning  # deferred: keeps `vocdet --help` fast
+    import torch
+
+    if cfg.trainer.get("sync_batchnorm") and (cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()):
+        raise VocdetError(
+            "trainer.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU implementation); "
+            "drop --sync-batchnorm for CPU runs"
+        )
 
     valid = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
     owned = {"callbacks", "logger", "default_root_dir", "enable_checkpointing"}  # vocdet builds these

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import signal
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -403,6 +405,17 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def _worker_init(worker_id: int) -> None:
+    """Workers ignore SIGTERM: a scheduler signalling the whole process group must not kill them under the
+    trainer, which saves a checkpoint at the next batch and then shuts them down itself. (They still exit when
+    the main process dies.) Lightning's per-worker seeding is kept."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+
+
 class VOCDataModule(L.LightningDataModule):
     """VOC07+12 trainval -> VOC07 test by default; ``data.*`` config keys (see ``vocdet.config.DataConfig``)."""
 
@@ -470,6 +483,7 @@ class VOCDataModule(L.LightningDataModule):
             # vs 2.4 GB process-tree PSS at imgsz 320.
             persistent_workers=workers > 0,
             drop_last=drop_last,
+            worker_init_fn=_worker_init,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -182,6 +182,9 @@ def export(
     finally:
         tmp.unlink(missing_ok=True)
     print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB, {e.format})")
+    from vocdet.tracking import log_export
+
+    log_export(Path(checkpoint), out, cfg, ckpt["vocdet"].get("wandb_id"), meta)
     return out
 
 

@@ -375,6 +375,8 @@ def evaluate_detections(
     gts: Mapping[str, GroundTruth],
     preds: Mapping[str, Predictions],
     class_names: Sequence[str],
+    *,
+    curves: bool = False,
 ) -> dict[str, Any]:
     """Evaluate detections against VOC ground truth with COCO-style and VOC07 metrics.
 
@@ -390,7 +392,8 @@ def evaluate_detections(
          "num_images": int}
 
     Classes without non-difficult ground truth get None and are left out of the means (pycocotools' -1);
-    the means are 0.0 when no class has ground truth.
+    the means are 0.0 when no class has ground truth. ``curves=True`` adds ``"pr_curve": {"recall": [101],
+    "precision": {name: [101] | None}}``: the interpolated precision at IoU 0.5 behind AP50.
     """
     num_classes = len(class_names)
     flat = _flatten(gts, preds, num_classes)
@@ -452,13 +455,21 @@ def evaluate_detections(
             "num_difficult": int(num_difficult[k]),
             "num_pred": int(num_pred[k]),
         }
-    return {
+    result: dict[str, Any] = {
         "map50": map50,
         "map50_95": map50_95,
         "voc07_map50": voc07_map50,
         "per_class": per_class,
         "num_images": flat.num_images,
     }
+    if curves:
+        result["pr_curve"] = {
+            "recall": RECALL_THRESHOLDS.tolist(),
+            "precision": {
+                name: p50[:, k].tolist() if (p50[:, k] > -1).all() else None for k, name in enumerate(class_names)
+            },
+        }
+    return result
 
 
 def fitness(result: Mapping[str, Any]) -> float:

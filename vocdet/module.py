@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from copy import deepcopy
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,8 +24,13 @@ from torch import nn
 from vocdet.boxes import non_max_suppression
 from vocdet.config import from_dict
 from vocdet.data import VOC_CLASSES, VOC_OFFSET, unletterbox_boxes
+from vocdet.errors import VocdetError
 from vocdet.metrics import GroundTruth, Predictions, evaluate_detections, fitness
 from vocdet.yolo import build_loss, build_model
+
+
+class NonFiniteLoss(VocdetError):
+    """The loss became NaN or infinite; raised before the backward pass, so no weight update used it."""
 
 
 class ModelEMA:
@@ -70,12 +76,15 @@ class DetectionModule(L.LightningModule):
         self.criterion: Any = None
         self._ema: ModelEMA | None = None
         self._last_opt_step = -1
+        self._restored = False
         self._epoch_start, self._epoch_images = time.perf_counter(), 0
         self._last_step_end = self._epoch_start
         self._val_preds: dict[str, Predictions] = {}
         self._val_gts: dict[str, GroundTruth] = {}
         self.last_metrics: dict[str, Any] | None = None
         self.last_predictions: dict[str, Predictions] = {}
+        self.last_ground_truth: dict[str, GroundTruth] = {}
+        self.handoff: Path | None = None  # where rank 0 writes its validation result for the parent process
 
     # ------------------------------------------------------------------------------------------- model
     def forward(self, img: torch.Tensor) -> torch.Tensor:
@@ -164,7 +173,9 @@ class DetectionModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.ema_model is not None:
             self._ema = ModelEMA(self.ema_model, self.cfg.train.ema_decay, self.cfg.train.ema_tau)
-        self._last_opt_step = -1
+        if not self._restored:  # a resumed run keeps the restored accumulation position
+            self._last_opt_step = -1
+        self._restored = False
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start, self._epoch_images = time.perf_counter(), 0
@@ -182,6 +193,11 @@ class DetectionModule(L.LightningModule):
             group["lr"], group["momentum"] = lr, momentum
 
         loss, items = self.compute_loss(batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"non-finite loss ({loss.item()}) at epoch {self.current_epoch}, batch {batch_idx} "
+                f"(global step {self.global_step}): training stopped before the weights took it"
+            )
         # Ultralytics' loss is a per-batch sum; DDP averages gradients, so scale back to a sum over all ranks.
         loss = loss * self.trainer.world_size
         self.manual_backward(loss)
@@ -243,9 +259,14 @@ class DetectionModule(L.LightningModule):
             for p, g in gathered:
                 preds.update(p)
                 gts.update(g)
-        result = evaluate_detections(gts, preds, self.class_names)
+        result = evaluate_detections(gts, preds, self.class_names, curves=True)
         result["image_ids"] = sorted(gts)
-        self.last_metrics, self.last_predictions = result, preds
+        self.last_metrics, self.last_predictions, self.last_ground_truth = result, preds, gts
+        if self.handoff is not None and self.global_rank == 0:  # ranks in child processes (ddp_notebook)
+            import pickle
+
+            with self.handoff.open("wb") as f:
+                pickle.dump((result, preds, gts), f)
         self._val_preds, self._val_gts = {}, {}
         # Every rank holds the same numbers, so no reduction is needed (and none would be exact).
         self.log_dict(
@@ -276,6 +297,16 @@ class DetectionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["vocdet"] = self.checkpoint_meta()
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.trainer.loggers if self._trainer is not None else []:
+            if isinstance(logger, WandbLogger):  # --resume continues the same W&B run
+                checkpoint["vocdet"]["wandb_id"] = logger.version
+        checkpoint["vocdet_state"] = {"last_opt_step": self._last_opt_step}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._last_opt_step = int(checkpoint.get("vocdet_state", {}).get("last_opt_step", -1))
+        self._restored = True
 
 
 def _normalise(img: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,14 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from vocdet.config import Config, from_dict, load_config, save_config, to_dict
 from vocdet.data import CLASS_INDEX, VOC_CLASSES, VOCDataModule, load_records, require_root, resolve_split
-from vocdet.errors import VocdetError
+from vocdet.errors import TrainingStopped, VocdetError
 from vocdet.metrics import GroundTruth, Predictions, evaluate_detections, format_table
-from vocdet.module import DetectionModule
+from vocdet.module import DetectionModule, NonFiniteLoss
 from vocdet.yolo import load_pretrained
 
 log = logging.getLogger("vocdet")
@@ -28,6 +30,8 @@ log = logging.getLogger("vocdet")
 # The EMA copy is deliberately in eval mode; Lightning's notice about it (and its own pytree deprecation) is noise.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# After a mid-epoch (SIGTERM) checkpoint the rest of that epoch draws a fresh shuffle; `resuming from` says where.
+warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended.*")
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -44,14 +48,45 @@ def _precision(cfg: DictConfig, trainer_kwargs: dict[str, Any]) -> str:
     return "32-true"
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = False) -> L.Trainer:
+def _profiler(name: Any, out_dir: Path | None) -> Any:
+    """``trainer.profiler=simple|advanced|pytorch`` writing its report (and the PyTorch trace) to ``<run>/profile``."""
+    if name is None or out_dir is None:
+        return name
+    from lightning.pytorch import profilers
+
+    cls = {"simple": profilers.SimpleProfiler, "advanced": profilers.AdvancedProfiler}.get(name)
+    if cls is not None:
+        return cls(dirpath=out_dir / "profile", filename="profile")
+    return profilers.PyTorchProfiler(dirpath=out_dir / "profile", filename="profile", export_to_chrome=True)
+
+
+class _CheckpointOnSigterm(L.Callback):
+    """On SIGTERM (what a cluster scheduler sends before preemption) save ``last.ckpt`` where the run stands.
+
+    Lightning turns the signal into a ``SIGTERMException`` at the next batch boundary on every rank; the
+    checkpoint holds the loop position, so ``--resume`` continues mid-epoch.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) or trainer.received_sigterm:
+            trainer.save_checkpoint(self.path)
+
+
+def build_trainer(
+    cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = False, wandb_id: str | None = None
+) -> L.Trainer:
     """A ``lightning.Trainer`` from ``cfg.trainer`` plus vocdet's callbacks and loggers.
 
-    Training gets ``best.ckpt`` (max fitness) and ``last.ckpt`` under ``<run>/checkpoints``, a CSV logger and
-    (unless ``logging.wandb=false``) W&B, offline unless configured online.
+    Training gets ``best.ckpt`` (max fitness) and ``last.ckpt`` under ``<run>/checkpoints`` (also written on
+    SIGTERM), a CSV logger and (unless ``logging.wandb=false``) W&B, offline unless configured online;
+    ``wandb_id`` continues an existing W&B run (``--resume``).
     """
     kwargs = dict(to_dict(cfg.trainer))
     kwargs["precision"] = _precision(cfg, kwargs)
+    kwargs["profiler"] = _profiler(kwargs.get("profiler"), out_dir)
     kwargs.setdefault("log_every_n_steps", cfg.logging.log_every_n_steps)
     if evaluating:
         return L.Trainer(logger=False, enable_checkpointing=False, **kwargs)
@@ -68,10 +103,19 @@ def build_trainer(cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = F
             monitor="fitness",
             mode="max",
             save_top_k=1,
-            save_last=True,
             auto_insert_metric_name=False,
             enable_version_counter=False,  # best.ckpt stays best.ckpt (a second run never shares the directory)
-        )
+        ),
+        # last.ckpt after every validation, for --resume. (ModelCheckpoint's own save_last only refreshes it when
+        # a new best was saved, since Lightning 2.6: it would lag behind the run.)
+        ModelCheckpoint(
+            dirpath=out_dir / "checkpoints",
+            filename="last",
+            save_top_k=1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        ),
+        _CheckpointOnSigterm(out_dir / "checkpoints" / "last.ckpt"),
     ]
     loggers: list[Any] = []
     if cfg.logging.csv:
@@ -79,20 +123,10 @@ def build_trainer(cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = F
 
         loggers.append(CSVLogger(out_dir, name="", version="csv"))
     if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
-        from lightning.pytorch.loggers import WandbLogger
+        from vocdet.tracking import ValidationImages, wandb_logger
 
-        # The environment wins so a user can go online without editing configs; never a key in code or config.
-        mode = os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        wandb_logger = WandbLogger(
-            project=cfg.logging.wandb_project,
-            name=cfg.run.name,
-            save_dir=str(out_dir),
-            offline=mode == "offline",
-            config=to_dict(cfg),
-        )
-        wandb_logger._wandb_init.pop("anonymous", None)  # Lightning always passes it; wandb warns it is obsolete
-        loggers.append(wandb_logger)
+        loggers.append(wandb_logger(cfg, out_dir, wandb_id))
+        callbacks.append(ValidationImages(loggers[-1], cfg.logging.wandb_images))
     return L.Trainer(default_root_dir=str(out_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
 
 
@@ -112,7 +146,7 @@ def resolve_run(cfg: DictConfig) -> DictConfig:
     name = os.environ.get(_RUN_NAME_ENV)
     if name is None:
         name = cfg.run.name
-        if not cfg.run.exist_ok and _holds_run(run_dir(cfg)):
+        if not cfg.run.exist_ok and not cfg.train.resume and _holds_run(run_dir(cfg)):
             n = 2
             while _holds_run(Path(cfg.run.dir) / f"{cfg.run.name}-{n}"):
                 n += 1
@@ -137,8 +171,30 @@ def train(cfg: DictConfig) -> Path:
             os.environ.pop(_RUN_NAME_ENV, None)
 
 
+def _resume_point(cfg: DictConfig) -> tuple[Path | None, str | None]:
+    """``(last.ckpt, W&B run id)`` to continue from with ``train.resume``; a missing, corrupt or mismatched
+    checkpoint is a one-line error before anything starts."""
+    if not cfg.train.resume:
+        return None, None
+    last = run_dir(cfg) / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        raise VocdetError(
+            f"nothing to resume: {last} does not exist (set run.name/run.dir to the run to continue, "
+            "or train without --resume)"
+        )
+    ckpt = load_checkpoint(last)
+    saved = ckpt["vocdet"]["config"]
+    if saved["model"]["variant"] != cfg.model.variant:
+        raise VocdetError(
+            f"{last} holds a yolov8{saved['model']['variant']}, the config asks for yolov8{cfg.model.variant}: "
+            "resume with the run's own config (its config.yaml)"
+        )
+    return last, ckpt["vocdet"].get("wandb_id")
+
+
 def _train(cfg: DictConfig) -> Path:
     out = run_dir(cfg)
+    resume_from, wandb_id = _resume_point(cfg)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if rank_zero_only.rank == 0:
         save_config(cfg, out / "config.yaml")
@@ -149,13 +205,69 @@ def _train(cfg: DictConfig) -> Path:
         if module.ema_model is not None:
             module.ema_model.load_state_dict(module.model.state_dict())
         log.info("transferred %d/%d tensors from %s", matched, total, cfg.model.weights)
-    trainer = build_trainer(cfg, out)
-    trainer.fit(module, datamodule=datamodule)
+    trainer = build_trainer(cfg, out, wandb_id=wandb_id)
+    if resume_from is not None:
+        log.info("resuming from %s", resume_from)
+    last = out / "checkpoints" / "last.ckpt"
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except NonFiniteLoss as e:
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
+        raise NonFiniteLoss(f"{e}; {kept} (lower train.lr0 or check the data, then --resume)") from None
+    except BaseException:
+        if not trainer.received_sigterm:
+            raise
+        raise TrainingStopped(
+            f"SIGTERM at epoch {trainer.current_epoch}, global step {trainer.global_step}; checkpoint saved to "
+            f"{last}; continue with the same command plus --resume"
+        ) from None
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else out / "checkpoints" / "last.ckpt"
-    trainer.validate(module, datamodule=datamodule, ckpt_path=str(best), verbose=False)
-    _report(module, cfg, out / "metrics.json", None, best)
+    _validate(trainer, module, datamodule, best, out)
+    result = _module_report(module, datamodule, cfg, best, output=out / "metrics.json", plots=out / "plots")
+    _finish_wandb(trainer, cfg, best, result)
     return best
+
+
+def _validate(trainer: L.Trainer, module: DetectionModule, datamodule: VOCDataModule, ckpt: Path, out: Path) -> None:
+    """Score ``ckpt`` with ``trainer``. Under ddp_notebook/ddp_spawn the ranks are child processes, so rank 0
+    hands its full result (metrics, detections, ground truth) back through a file; the notebook process never
+    touches CUDA itself."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
+        return
+    handoff = out / "checkpoints" / ".validation.pkl"
+    module.handoff = handoff
+    try:
+        trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
+        with handoff.open("rb") as f:
+            module.last_metrics, module.last_predictions, module.last_ground_truth = pickle.load(f)
+    finally:
+        module.handoff = None
+        handoff.unlink(missing_ok=True)
+    if datamodule.val_set is None:  # set up in the children only
+        datamodule.setup("validate")
+
+
+def _finish_wandb(trainer: L.Trainer, cfg: DictConfig, best: Path, result: dict[str, Any] | None) -> None:
+    """Final metrics into the run summary, the best checkpoint as a model artifact, then close the run (so a
+    notebook's next ``train()`` starts its own)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger) or not trainer.is_global_zero:
+            continue
+        run = logger.experiment
+        if result:
+            run.summary.update({f"final/{k}": result[k] for k in ("map50", "map50_95", "voc07_map50")})
+        if cfg.logging.wandb_artifacts:
+            from vocdet.tracking import log_model_artifact
+
+            metadata = {k: result[k] for k in ("map50", "map50_95", "voc07_map50")} if result else {}
+            log_model_artifact(run, best, aliases=["best", "latest"], metadata=metadata)
+        run.finish()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -181,11 +293,15 @@ def evaluate(
     detections: str | Path | None = None,
     output: str | Path | None = None,
     predictions: str | Path | None = None,
+    plots: str | Path | None = None,
+    summary: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a checkpoint on the validation split (``data.val_sets``), or score a detections JSON file.
 
     With a checkpoint the config stored in it is the base and ``config_files``/``overrides`` apply on top
-    (e.g. ``data.root=...``). Returns the metrics dict (also written to ``output`` when given).
+    (e.g. ``data.root=...``). Returns the metrics dict (also written to ``output`` when given); ``plots`` is a
+    folder for the reports of ``vocdet.plots`` (PR curves, confusion matrix, per-class AP, prediction grid);
+    ``summary`` a JSON file of just the headline numbers (what ``dvc metrics show`` tabulates).
     """
     if (checkpoint is None) == (detections is None):
         raise VocdetError("give exactly one of --checkpoint or --detections")
@@ -199,30 +315,64 @@ def evaluate(
         module = DetectionModule(to_dict(cfg))
         module.load_state_dict(ckpt["state_dict"])
         trainer = build_trainer(cfg, None, evaluating=True)
-        trainer.validate(module, datamodule=VOCDataModule(cfg.data), verbose=False)
-        return _report(module, cfg, output, predictions, Path(checkpoint))
+        datamodule = VOCDataModule(cfg.data)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        return _module_report(
+            module,
+            datamodule,
+            cfg,
+            Path(checkpoint),
+            output=output,
+            predictions=predictions,
+            plots=plots,
+            summary=summary,
+        )
     cfg = load_config(config_files, overrides)
     records = load_records(resolve_split(cfg.data.root, cfg.data.val_sets, "val"), "val")
     gts = {r.id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}
     preds = read_detections(detections, set(gts))  # type: ignore[arg-type]
-    result = evaluate_detections(gts, preds, list(VOC_CLASSES))
+    result = evaluate_detections(gts, preds, list(VOC_CLASSES), curves=True)
     result["image_ids"] = sorted(gts)
-    result["data_root"] = str(cfg.data.root)
-    _write_json(output, result)
-    print(format_table(result))
-    return result
+    images = {r.id: r.image for r in records}
+    return _report(result, gts, preds, images, list(VOC_CLASSES), cfg, output=output, plots=plots, summary=summary)
+
+
+def _module_report(
+    module: DetectionModule, datamodule: VOCDataModule, cfg: DictConfig, ckpt: Path, **outputs: Any
+) -> dict[str, Any]:
+    """``_report`` of the module's last validation."""
+    images = {r.id: r.image for r in datamodule.val_set.records} if datamodule.val_set is not None else {}
+    result = dict(module.last_metrics or {})
+    result["checkpoint"] = str(ckpt)
+    gts, preds = module.last_ground_truth, module.last_predictions
+    return _report(result, gts, preds, images, module.class_names, cfg, **outputs)
 
 
 @rank_zero_only
 def _report(
-    module: DetectionModule, cfg: DictConfig, output: str | Path | None, predictions: str | Path | None, ckpt: Path
+    result: dict[str, Any],
+    gts: dict[str, GroundTruth],
+    preds: dict[str, Predictions],
+    images: dict[str, str],
+    class_names: list[str],
+    cfg: DictConfig,
+    *,
+    output: str | Path | None = None,
+    predictions: str | Path | None = None,
+    plots: str | Path | None = None,
+    summary: str | Path | None = None,
 ) -> dict[str, Any]:
-    result = dict(module.last_metrics or {})
+    """Write the metrics JSON, the detections JSON and the plots that were asked for; print the table."""
+    if plots and cfg.logging.plots and "pr_curve" in result:
+        from vocdet.plots import write_plots
+
+        write_plots(result, gts, preds, images, class_names, plots)
+    result.pop("pr_curve", None)  # in plots/pr_curve.csv; the metrics JSON stays a summary
     result["data_root"] = str(cfg.data.root)
-    result["checkpoint"] = str(ckpt)
     _write_json(output, result)
+    _write_json(summary, {k: result[k] for k in ("map50", "map50_95", "voc07_map50", "num_images")})
     if predictions:
-        write_detections(predictions, module.last_predictions, module.class_names)
+        write_detections(predictions, preds, class_names)
     print(format_table(result))
     return result
 
