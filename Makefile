@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vocdet-installed
 
-.PHONY: setup browser train test test-fast bench bench-predict serve loadtest soak docker-build lint format clean
+.PHONY: setup browser train repro test test-fast bench bench-predict serve loadtest soak docker-build lint format clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 ## The main job on the embedded default: synthesize VOC-format data, train yolov8n on the CPU, evaluate.
 train: setup
 	$(BIN)/vocdet train --config configs/quickstart.yaml
+
+## The quickstart as a DVC pipeline (dvc.yaml: data -> train -> eval -> export), then its metrics.
+repro: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dvc metrics show
 
 ## Debian's chromium for the web-page test (apt-get when missing: needs root or sudo).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
