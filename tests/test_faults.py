@@ -34,6 +34,16 @@ def _start_train(overrides: list[str], *extra: str) -> subprocess.Popen:
     )
 
 
+def _wait(proc: subprocess.Popen, timeout: float) -> str:
+    """The process's output once it exits; a hang kills its whole process group and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+        pytest.fail(f"no exit within {timeout} s (killed):\n{out[-3000:]}")
+
+
 def _ckpt_epoch(path: Path) -> int:
     """The epoch a checkpoint ends (-1 while it does not exist or is being written)."""
     try:
@@ -51,8 +61,7 @@ def _signal_after_epoch(proc: subprocess.Popen, last: Path, epoch: int, sig: int
         time.sleep(0.2)
     time.sleep(1.0)  # into the next epoch (one epoch is ~3 s here)
     os.killpg(proc.pid, sig)
-    out, _ = proc.communicate(timeout=120)
-    return out
+    return _wait(proc, 120)
 
 
 def test_sigkill_and_sigterm_then_resume_matches_uninterrupted(detector_run: SimpleNamespace, tmp_path: Path) -> None:
@@ -81,7 +90,7 @@ def test_sigkill_and_sigterm_then_resume_matches_uninterrupted(detector_run: Sim
 
     # 3. Resumed again to the end.
     proc = _start_train(overrides, "--resume")
-    out, _ = proc.communicate(timeout=600)
+    out = _wait(proc, 600)
     assert proc.returncode == 0, out[-3000:]
 
     ref_last = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -98,6 +107,37 @@ def test_sigkill_and_sigterm_then_resume_matches_uninterrupted(detector_run: Sim
     assert ref["map50"] > 0.3  # a model that detects things, so "within noise" means something
     assert ours["map50"] == pytest.approx(ref["map50"], abs=0.05)
     assert ours["map50_95"] == pytest.approx(ref["map50_95"], abs=0.05)
+
+
+def test_sigterm_under_ddp_then_resume(synth_root: Path, tmp_path: Path) -> None:
+    """Two CPU ranks: SIGTERM to the process group stops both, one checkpoint, one line; --resume finishes."""
+    overrides = [
+        *tiny_overrides(synth_root, tmp_path, "ddp"),
+        "train.epochs=6",
+        "data.num_workers=1",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    ]
+    last = tmp_path / "ddp" / "checkpoints" / "last.ckpt"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        proc = _start_train(overrides)
+        out = _signal_after_epoch(proc, last, epoch=1, sig=signal.SIGTERM)
+        assert proc.returncode == 143, out[-3000:]
+        assert out.count("stopped: SIGTERM") == 1 and "Traceback" not in out, out[-3000:]
+        proc = _start_train(overrides, "--resume")
+        out = _wait(proc, 300)
+    finally:
+        del os.environ["OMP_NUM_THREADS"]
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("resuming from") == 1
+    done = torch.load(last, map_location="cpu", weights_only=True)
+    steps_per_epoch = -(-18 // 8)  # 24 synthetic images, 75 % train, global batch 8 over both ranks
+    assert done["global_step"] == 6 * steps_per_epoch  # the step count of an uninterrupted run
+    assert (tmp_path / "ddp" / "metrics.json").is_file()
+    assert (tmp_path / "ddp" / "csv" / "metrics.csv").is_file()  # the first part's log survives the resume
+    assert (tmp_path / "ddp" / "csv-resumed-1" / "metrics.csv").is_file()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(

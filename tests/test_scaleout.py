@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -108,10 +109,23 @@ def test_two_nodes_through_torchrun_on_loopback(synth_root: Path, tmp_path: Path
         return [*torchrun, *rdzv, *train]
 
     procs = [
-        subprocess.Popen(launcher(r), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+        subprocess.Popen(
+            launcher(r),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+        )
         for r in (0, 1)
     ]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:  # a hang must not leave launchers and their workers behind
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outs[0], outs[0][-3000:]  # one world of two processes

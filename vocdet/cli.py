@@ -274,7 +274,10 @@ def main() -> None:
     try:
         app()
     except TrainingStopped as e:
-        typer.echo(f"stopped: {e}", err=True)
+        from lightning.pytorch.utilities import rank_zero_only
+
+        if rank_zero_only.rank == 0:  # every DDP rank stops; one line says so
+            typer.echo(f"stopped: {e}", err=True)
         sys.exit(e.exit_code)
     except VocdetError as e:
         typer.echo(f"error: {e}", err=True)

@@ -121,7 +121,11 @@ def build_trainer(
     if cfg.logging.csv:
         from lightning.pytorch.loggers import CSVLogger
 
-        loggers.append(CSVLogger(out_dir, name="", version="csv"))
+        # Lightning's CSV writer deletes an existing metrics.csv: a resumed run writes csv-resumed-<n>/ instead.
+        version, n = "csv", 1
+        while cfg.train.resume and (out_dir / version).exists():
+            version, n = f"csv-resumed-{n}", n + 1
+        loggers.append(CSVLogger(out_dir, name="", version=version))
     if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
         from vocdet.tracking import ValidationImages, wandb_logger
 
@@ -206,7 +210,8 @@ def _train(cfg: DictConfig) -> Path:
             module.ema_model.load_state_dict(module.model.state_dict())
         log.info("transferred %d/%d tensors from %s", matched, total, cfg.model.weights)
     trainer = build_trainer(cfg, out, wandb_id=wandb_id)
-    if resume_from is not None:
+    _sigterm_without_collectives(trainer)
+    if resume_from is not None and rank_zero_only.rank == 0:
         log.info("resuming from %s", resume_from)
     last = out / "checkpoints" / "last.ckpt"
     try:
@@ -227,6 +232,23 @@ def _train(cfg: DictConfig) -> Path:
     result = _module_report(module, datamodule, cfg, best, output=out / "metrics.json", plots=out / "plots")
     _finish_wandb(trainer, cfg, best, result)
     return best
+
+
+def _sigterm_without_collectives(trainer: L.Trainer) -> None:
+    """Lightning's SIGTERM handler broadcasts from inside the signal handler. When every rank is signalled (a
+    scheduler signalling the job, or the process group), the ranks enter that broadcast from wherever they were
+    interrupted and the job hangs. The handler here only records the signal (and forwards it to the processes
+    Lightning started); the training loop already broadcasts rank 0's flag at each batch boundary, where every
+    rank agrees."""
+    connector = trainer._signal_connector
+
+    def notify(signum: int, frame: Any) -> None:
+        launcher = trainer.strategy.launcher
+        if not connector.received_sigterm and launcher is not None:
+            launcher.kill(signum)
+        connector.received_sigterm = True
+
+    connector._sigterm_notifier_fn = notify  # type: ignore[method-assign]
 
 
 def _validate(trainer: L.Trainer, module: DetectionModule, datamodule: VOCDataModule, ckpt: Path, out: Path) -> None:
