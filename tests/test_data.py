@@ -19,24 +19,22 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from vocdet.boxes import PAD_VALUE, letterbox, unletterbox_boxes
 from vocdet.config import load_config
 from vocdet.data import (
     CLASS_INDEX,
-    PAD_VALUE,
     VOC_CLASSES,
     VOC_OFFSET,
     VOCDataModule,
     VOCDataset,
     collate,
     imread,
-    letterbox,
     load_records,
     parse_voc_xml,
     random_affine,
     random_hsv,
     resize_long_side,
     resolve_split,
-    unletterbox_boxes,
 )
 from vocdet.errors import VocdetError
 from vocdet.synth import class_style, synthesize_voc

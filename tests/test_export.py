@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
-from vocdet.data import letterbox
+from vocdet.boxes import letterbox
 from vocdet.detector import Detector, match_detections, read_image
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vocdet.errors import TrainingStopped, VocdetError
+from vocdet.errors import VocdetError
 
 app = typer.Typer(
     name="vocdet",
@@ -273,14 +273,11 @@ def main() -> None:
     _setup_logging()
     try:
         app()
-    except TrainingStopped as e:
-        from lightning.pytorch.utilities import rank_zero_only
-
-        if rank_zero_only.rank == 0:  # every DDP rank stops; one line says so
-            typer.echo(f"stopped: {e}", err=True)
-        sys.exit(e.exit_code)
     except VocdetError as e:
-        typer.echo(f"error: {e}", err=True)
+        # Under DDP every rank raises it; one line says so. (No Lightning loaded: one process.)
+        lightning = sys.modules.get("lightning.pytorch.utilities")
+        if lightning is None or lightning.rank_zero_only.rank == 0:
+            typer.echo(f"{e.label}: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from vocdet.boxes import PAD_VALUE, letterbox, unletterbox_boxes  # noqa: F401 - part of this module's API
+from vocdet.boxes import PAD_VALUE, letterbox
 from vocdet.errors import VocdetError
 
 log = logging.getLogger("vocdet")

@@ -7,6 +7,7 @@ class VocdetError(Exception):
     """A user-facing error: the message names the problem and how to fix it (exit code 2)."""
 
     exit_code = 2
+    label = "error"  # the CLI prints "<label>: <message>"
 
 
 class TrainingStopped(VocdetError):
@@ -14,3 +15,4 @@ class TrainingStopped(VocdetError):
     schedulers and pipelines see an unfinished run)."""
 
     exit_code = 143
+    label = "stopped"

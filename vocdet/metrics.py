@@ -32,6 +32,7 @@ import numpy as np
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 RECALL_THRESHOLDS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 MAX_DETS = 100
+HEADLINE = ("map50", "map50_95", "voc07_map50")  # the summary numbers (W&B summary, DVC metrics, artifacts)
 AREA_RANGE = (0.0**2, 1e5**2)
 # pycocotools never accepts an IoU threshold of exactly 1.
 _MATCH_THRESHOLDS = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vocdet.boxes import non_max_suppression
+from vocdet.boxes import non_max_suppression, unletterbox_boxes
 from vocdet.config import from_dict
-from vocdet.data import VOC_CLASSES, VOC_OFFSET, unletterbox_boxes
+from vocdet.data import VOC_CLASSES, VOC_OFFSET
 from vocdet.errors import VocdetError
 from vocdet.metrics import GroundTruth, Predictions, evaluate_detections, fitness
 from vocdet.yolo import build_loss, build_model

@@ -114,25 +114,38 @@ def write_confusion_matrix(
     return path.rename(out / "confusion_matrix.png")
 
 
+def image_pixels(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) boxes in VOC XML corners (1-based) -> continuous image pixels, as images are drawn."""
+    from vocdet.data import VOC_OFFSET
+
+    return np.asarray(boxes, np.float32).reshape(-1, 4) - VOC_OFFSET
+
+
+def displayed(pred: Predictions | None) -> Predictions:
+    """The predictions reports show (the plots here, W&B's validation images): score >= ``PLOT_CONF``, boxes in
+    image pixels."""
+    if pred is None:
+        return Predictions(np.zeros((0, 4), np.float32), np.zeros(0), np.zeros(0, np.int64))
+    keep = np.asarray(pred.scores) >= PLOT_CONF
+    return Predictions(image_pixels(pred.boxes)[keep], np.asarray(pred.scores)[keep], np.asarray(pred.labels)[keep])
+
+
 def draw_ground_truth_and_predictions(
     image: np.ndarray, gt: GroundTruth | None, pred: Predictions | None, class_names: Sequence[str]
 ) -> Image.Image:
     """RGB image with true boxes (white, thin) under the predictions above ``PLOT_CONF`` (class colours, labelled)."""
-    from vocdet.data import VOC_OFFSET
     from vocdet.detector import Detection, plot
 
-    dets = []
-    if pred is not None:
-        for b, s, c in zip(pred.boxes, pred.scores, pred.labels):
-            if s >= PLOT_CONF:
-                box = tuple(float(v) for v in np.asarray(b) - VOC_OFFSET)
-                dets.append(Detection(box, float(s), int(c), class_names[int(c)]))  # type: ignore[arg-type]
+    shown = displayed(pred)
+    dets = [
+        Detection(tuple(map(float, b)), float(s), int(c), class_names[int(c)])  # type: ignore[arg-type]
+        for b, s, c in zip(shown.boxes, shown.scores, shown.labels)
+    ]
     canvas = Image.fromarray(image)
     if gt is not None:
         draw = ImageDraw.Draw(canvas)
         lw = max(round(sum(canvas.size) / 2 * 0.002), 1)
-        for b in gt.boxes:
-            x1, y1, x2, y2 = (float(v) for v in np.asarray(b) - VOC_OFFSET)
+        for x1, y1, x2, y2 in image_pixels(gt.boxes).tolist():
             draw.rectangle((x1 - lw, y1 - lw, x2 + lw, y2 + lw), outline=(255, 255, 255), width=lw)
     return plot(canvas, dets)
 

@@ -79,9 +79,8 @@ class ValidationImages(L.Callback):
         import cv2
         import wandb
 
-        from vocdet.data import VOC_OFFSET
         from vocdet.detector import read_image
-        from vocdet.plots import PLOT_CONF
+        from vocdet.plots import displayed, image_pixels
 
         records = {r.id: r for r in trainer.datamodule.val_set.records}
         names = pl_module.class_names
@@ -96,12 +95,10 @@ class ValidationImages(L.Callback):
             pred = pl_module.last_predictions.get(image_id)
             boxes = {}
             if pred is not None:
-                keep = pred.scores >= PLOT_CONF
-                boxes["predictions"] = boxes_payload(
-                    pred.boxes[keep] - VOC_OFFSET, pred.labels[keep], pred.scores[keep], names, scale
-                )
+                shown = displayed(pred)
+                boxes["predictions"] = boxes_payload(shown.boxes, shown.labels, shown.scores, names, scale)
             if gt is not None:
-                boxes["ground_truth"] = boxes_payload(gt.boxes - VOC_OFFSET, gt.labels, None, names, scale)
+                boxes["ground_truth"] = boxes_payload(image_pixels(gt.boxes), gt.labels, None, names, scale)
             images.append(wandb.Image(img, boxes=boxes, caption=image_id))
         self.logger.experiment.log({"val/predictions": images, "trainer/global_step": trainer.global_step})
 
@@ -115,6 +112,24 @@ def log_model_artifact(
     art = wandb.Artifact(f"model-{run.id}{suffix}", type="model", metadata=metadata or {})
     art.add_file(str(path), name=path.name)
     run.log_artifact(art, aliases=aliases)
+
+
+def finish_run(trainer: L.Trainer, cfg: DictConfig, best: Path, result: dict[str, Any] | None) -> None:
+    """End of training: the final metrics into the run summary, the best checkpoint as a model artifact, then
+    close the run (so a notebook's next ``train()`` starts its own). Rank 0; nothing without a W&B logger."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from vocdet.metrics import HEADLINE
+
+    logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+    if logger is None or not trainer.is_global_zero:
+        return
+    run = logger.experiment
+    final = {k: result[k] for k in HEADLINE} if result else {}
+    run.summary.update({f"final/{k}": v for k, v in final.items()})
+    if cfg.logging.wandb_artifacts:
+        log_model_artifact(run, best, aliases=["best", "latest"], metadata=final)
+    run.finish()
 
 
 def log_export(checkpoint: Path, exported: Path, cfg: DictConfig, wandb_id: str | None, meta: dict[str, Any]) -> None:
@@ -138,4 +153,12 @@ def log_export(checkpoint: Path, exported: Path, cfg: DictConfig, wandb_id: str 
     log.info("logged %s to W&B run %s (%s)", exported.name, wandb_id, mode)
 
 
-__all__ = ["ValidationImages", "boxes_payload", "log_export", "log_model_artifact", "wandb_logger", "wandb_mode"]
+__all__ = [
+    "ValidationImages",
+    "boxes_payload",
+    "finish_run",
+    "log_export",
+    "log_model_artifact",
+    "wandb_logger",
+    "wandb_mode",
+]

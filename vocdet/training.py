@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from vocdet.config import Config, from_dict, load_config, save_config, to_dict
 from vocdet.data import CLASS_INDEX, VOC_CLASSES, VOCDataModule, load_records, require_root, resolve_split
 from vocdet.errors import TrainingStopped, VocdetError
-from vocdet.metrics import GroundTruth, Predictions, evaluate_detections, format_table
+from vocdet.metrics import HEADLINE, GroundTruth, Predictions, evaluate_detections, format_table
 from vocdet.module import DetectionModule, NonFiniteLoss
 from vocdet.yolo import load_pretrained
 
@@ -36,6 +36,11 @@ warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that en
 
 def run_dir(cfg: DictConfig) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
+
+
+def last_checkpoint(out: Path) -> Path:
+    """``<run>/checkpoints/last.ckpt``: written after every validation and on SIGTERM; what --resume reads."""
+    return out / "checkpoints" / "last.ckpt"
 
 
 def _precision(cfg: DictConfig, trainer_kwargs: dict[str, Any]) -> str:
@@ -115,7 +120,7 @@ def build_trainer(
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
-        _CheckpointOnSigterm(out_dir / "checkpoints" / "last.ckpt"),
+        _CheckpointOnSigterm(last_checkpoint(out_dir)),
     ]
     loggers: list[Any] = []
     if cfg.logging.csv:
@@ -180,7 +185,7 @@ def _resume_point(cfg: DictConfig) -> tuple[Path | None, str | None]:
     checkpoint is a one-line error before anything starts."""
     if not cfg.train.resume:
         return None, None
-    last = run_dir(cfg) / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(run_dir(cfg))
     if not last.exists():
         raise VocdetError(
             f"nothing to resume: {last} does not exist (set run.name/run.dir to the run to continue, "
@@ -213,7 +218,7 @@ def _train(cfg: DictConfig) -> Path:
     _sigterm_without_collectives(trainer)
     if resume_from is not None and rank_zero_only.rank == 0:
         log.info("resuming from %s", resume_from)
-    last = out / "checkpoints" / "last.ckpt"
+    last = last_checkpoint(out)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except NonFiniteLoss as e:
@@ -227,10 +232,12 @@ def _train(cfg: DictConfig) -> Path:
             f"{last}; continue with the same command plus --resume"
         ) from None
     ckpt_cb = trainer.checkpoint_callback
-    best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else out / "checkpoints" / "last.ckpt"
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else last
     _validate(trainer, module, datamodule, best, out)
     result = _module_report(module, datamodule, cfg, best, output=out / "metrics.json", plots=out / "plots")
-    _finish_wandb(trainer, cfg, best, result)
+    from vocdet.tracking import finish_run
+
+    finish_run(trainer, cfg, best, result)
     return best
 
 
@@ -271,25 +278,6 @@ def _validate(trainer: L.Trainer, module: DetectionModule, datamodule: VOCDataMo
         handoff.unlink(missing_ok=True)
     if datamodule.val_set is None:  # set up in the children only
         datamodule.setup("validate")
-
-
-def _finish_wandb(trainer: L.Trainer, cfg: DictConfig, best: Path, result: dict[str, Any] | None) -> None:
-    """Final metrics into the run summary, the best checkpoint as a model artifact, then close the run (so a
-    notebook's next ``train()`` starts its own)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        if not isinstance(logger, WandbLogger) or not trainer.is_global_zero:
-            continue
-        run = logger.experiment
-        if result:
-            run.summary.update({f"final/{k}": result[k] for k in ("map50", "map50_95", "voc07_map50")})
-        if cfg.logging.wandb_artifacts:
-            from vocdet.tracking import log_model_artifact
-
-            metadata = {k: result[k] for k in ("map50", "map50_95", "voc07_map50")} if result else {}
-            log_model_artifact(run, best, aliases=["best", "latest"], metadata=metadata)
-        run.finish()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -392,7 +380,7 @@ def _report(
     result.pop("pr_curve", None)  # in plots/pr_curve.csv; the metrics JSON stays a summary
     result["data_root"] = str(cfg.data.root)
     _write_json(output, result)
-    _write_json(summary, {k: result[k] for k in ("map50", "map50_95", "voc07_map50", "num_images")})
+    _write_json(summary, {k: result[k] for k in (*HEADLINE, "num_images")})
     if predictions:
         write_detections(predictions, preds, class_names)
     print(format_table(result))
