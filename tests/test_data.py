@@ -468,6 +468,21 @@ def test_random_affine_boxes_follow_the_pixels(degrees):
                 assert (b >= 0).all() and (b <= size).all()
 
 
+def test_random_affine_on_bgra_matches_bgr():
+    """The pipeline warps BGRA (OpenCV's 4-channel warp is vectorised); the colour channels are the BGR warp's."""
+    canvas = np.random.default_rng(2).integers(0, 255, (256, 256, 3), np.uint8)
+    boxes = np.float32([[40, 40, 120, 130]])
+    for perspective in (0.0, 0.001):
+        _seed(4)
+        out3, new3, _ = random_affine(canvas, boxes, 128, 10, 0.1, 0.5, 2, perspective)
+        _seed(4)
+        out4, new4, _ = random_affine(
+            cv2.cvtColor(canvas, cv2.COLOR_BGR2BGRA), boxes, 128, 10, 0.1, 0.5, 2, perspective
+        )
+        np.testing.assert_array_equal(out4[..., :3], out3)
+        np.testing.assert_array_equal(new4, new3)
+
+
 def test_random_affine_drops_degenerate_boxes():
     img = np.zeros((64, 64, 3), np.uint8)
     boxes = np.float32([[10, 10, 12, 40], [10, 10, 40, 40], [30, 5, 33, 60]])  # 2 px wide: dropped (w must be > 2)
@@ -482,23 +497,35 @@ def test_random_hsv():
     img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)
     ref = img.copy()
     state = np.random.get_state()[1].copy()
-    assert random_hsv(img, 0, 0, 0) is None
-    np.testing.assert_array_equal(img, ref)
+    np.testing.assert_array_equal(random_hsv(img, 0, 0, 0), ref[..., ::-1])  # BGR in, RGB out
+    np.testing.assert_array_equal(img, ref)  # the input is left alone
     np.testing.assert_array_equal(np.random.get_state()[1], state)  # zero gains draw nothing
 
     np.random.seed(3)
-    random_hsv(img, 0.5, 0.7, 0.4)  # in place
-    assert (img != ref).mean() > 0.5
+    out = random_hsv(img, 0.5, 0.7, 0.4)
+    assert (out != ref[..., ::-1]).mean() > 0.5
 
     grey = np.full((8, 8, 3), 100, np.uint8)
-    np.random.seed(3)
-    random_hsv(grey, 0.5, 0.9, 0.0)  # hue/saturation jitter leaves grey grey (lut_sat[0] = 0, as Ultralytics)
-    assert (grey == 100).all()
+    np.random.seed(3)  # hue/saturation jitter leaves grey grey (lut_sat[0] = 0, as Ultralytics)
+    assert (random_hsv(grey, 0.5, 0.9, 0.0) == 100).all()
     np.random.seed(3)  # uniform(-1, 1, 3) -> value gain factor 1 + 0.4 * r[2]
     r = np.random.uniform(-1, 1, 3)
     np.random.seed(3)
-    random_hsv(grey, 0.0, 0.0, 0.4)
-    assert (grey == grey[0, 0]).all() and grey[0, 0, 0] == int(np.clip(100 * (1 + 0.4 * r[2]), 0, 255))
+    out = random_hsv(grey, 0.0, 0.0, 0.4)
+    assert (out == out[0, 0]).all() and out[0, 0, 0] == int(np.clip(100 * (1 + 0.4 * r[2]), 0, 255))
+
+
+@pytest.mark.parametrize("gains", [(0.015, 0.7, 0.4), (0.5, 0.9, 0.9), (0.0, 0.0, 0.0)])
+def test_random_hsv_matches_ultralytics_for_bgr_and_bgra(gains):
+    from ultralytics.data.augment import RandomHSV
+
+    bgr = np.random.default_rng(1).integers(0, 255, (48, 40, 3), np.uint8)
+    theirs = {"img": bgr.copy()}
+    np.random.seed(7)
+    RandomHSV(*gains)(theirs)
+    for img in (bgr, cv2.cvtColor(bgr, cv2.COLOR_BGR2BGRA)):
+        np.random.seed(7)
+        np.testing.assert_array_equal(random_hsv(img, *gains), theirs["img"][..., ::-1])
 
 
 # ----------------------------------------------------------------------------------------------- 5. augmentation

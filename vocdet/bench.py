@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,10 @@ def _ultralytics_train(args_json: str, out: str) -> None:
         times["seconds"].append(time.perf_counter() - state["t"])
         times["images"].append(float(len(trainer.train_loader.dataset)))
 
+    def keep_workers(trainer: Any) -> None:  # Ultralytics sets workers=0 on CPU; the race uses the same count on both
+        trainer.args.workers = args["workers"]
+
+    model.add_callback("on_pretrain_routine_start", keep_workers)
     model.add_callback("on_train_epoch_start", epoch_start)
     model.add_callback("on_train_epoch_end", epoch_end)
     torch.manual_seed(args["seed"])
@@ -323,8 +328,13 @@ def score_with_vocdet(ckpt: Path, s: argparse.Namespace) -> dict[str, float]:
 
 
 def dataloader_speed(voc_root: Path, data_yaml: Path, s: argparse.Namespace) -> dict[str, float]:
-    """img/s of one worker (the main process) producing collated, fully augmented batches; no cache on either."""
+    """img/s of one worker (the main process) producing collated, fully augmented batches; no cache on either.
+
+    The two loaders take turns, ``s.loader_rounds`` rounds of ``s.loader_batches`` batches each, and each side's
+    figure is its median round, so a slow spell of the machine does not land on one side only.
+    """
     import random
+    import statistics
 
     import torch
     from torch.utils.data import DataLoader
@@ -333,26 +343,22 @@ def dataloader_speed(voc_root: Path, data_yaml: Path, s: argparse.Namespace) -> 
     from vocdet.data import VOCDataset, collate, load_records, resolve_split
 
     torch.set_num_threads(1)  # a dataloader worker runs with one thread in both libraries
-    n_batches = s.loader_batches
 
-    def speed(loader: DataLoader) -> float:
-        it = iter(loader)
-        for _ in range(2):  # warm-up: file cache, lazy imports
-            next(it)
+    def endless(loader: DataLoader) -> Iterator[dict[str, Any]]:
+        while True:
+            yield from loader
+
+    def timed_round(batches: Iterator[dict[str, Any]]) -> float:
         t0, n = time.perf_counter(), 0
-        for _ in range(n_batches):
-            try:
-                n += len(next(it)["img"])
-            except StopIteration:
-                it = iter(loader)
-                n += len(next(it)["img"])
+        for _ in range(s.loader_batches):
+            n += len(next(batches)["img"])
         return n / (time.perf_counter() - t0)
 
     random.seed(0)
     np.random.seed(0)
     cfg = load_config(None, [f"data.root={voc_root}", f"data.imgsz={s.imgsz}"])
     ds = VOCDataset(load_records(resolve_split(voc_root, [], "train"), "train"), s.imgsz, augment=True, hyp=cfg.data)
-    ours = speed(DataLoader(ds, batch_size=s.batch, shuffle=True, num_workers=0, collate_fn=collate))
+    ours = endless(DataLoader(ds, batch_size=s.batch, shuffle=True, num_workers=0, collate_fn=collate))
 
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
@@ -362,8 +368,19 @@ def dataloader_speed(voc_root: Path, data_yaml: Path, s: argparse.Namespace) -> 
         data = check_det_dataset(str(data_yaml))
         hyp = get_cfg(overrides={"imgsz": s.imgsz, "cache": False, "close_mosaic": 0})
         yds = build_yolo_dataset(hyp, data["train"], s.batch, data, mode="train")
-    theirs = speed(DataLoader(yds, batch_size=s.batch, shuffle=True, num_workers=0, collate_fn=yds.collate_fn))
-    return {"vocdet_img_per_s": ours, "ultralytics_img_per_s": theirs}
+    theirs = endless(DataLoader(yds, batch_size=s.batch, shuffle=True, num_workers=0, collate_fn=yds.collate_fn))
+    for batches in (ours, theirs):  # warm-up: file cache, lazy imports, first buffer fill
+        for _ in range(2):
+            next(batches)
+    rounds: dict[str, list[float]] = {"vocdet": [], "ultralytics": []}
+    for _ in range(s.loader_rounds):
+        rounds["vocdet"].append(timed_round(ours))
+        rounds["ultralytics"].append(timed_round(theirs))
+    return {
+        "vocdet_img_per_s": statistics.median(rounds["vocdet"]),
+        "ultralytics_img_per_s": statistics.median(rounds["ultralytics"]),
+        "rounds": rounds,
+    }
 
 
 def metric_speed(n_images: int = 5000, n_classes: int = 20, seed: int = 0) -> dict[str, float]:
@@ -453,8 +470,8 @@ def print_table(results: dict[str, Any]) -> None:
             rows.append((f"{name}: mAP50-95 ({label})", v[metric]["map50_95"], u[metric]["map50_95"]))
         rows.append((f"{name}: peak RSS MB (main process)", v["peak_rss_mb"], u["peak_rss_mb"]))
         rows.append((f"{name}: peak PSS MB (process tree)", v["peak_tree_pss_mb"], u["peak_tree_pss_mb"]))
-    d = results["dataloader"]
-    rows.append(("dataloader img/s, 1 worker, full aug", d["vocdet_img_per_s"], d["ultralytics_img_per_s"]))
+    for name, d in results["dataloader"].items():
+        rows.append((f"{name}: dataloader img/s, 1 worker", d["vocdet_img_per_s"], d["ultralytics_img_per_s"]))
     m = results["metric"]
     rows.append(("metric seconds, 5k images x 20 classes (vs pycocotools)", m["vocdet_s"], m["pycocotools_s"]))
     w = max(len(r[0]) for r in rows)
@@ -497,7 +514,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--synth-images", type=int, default=400)
     p.add_argument("--real-epochs", type=int, default=4, help="epochs on the 100-image real sample")
-    p.add_argument("--loader-batches", type=int, default=20)
+    p.add_argument("--loader-batches", type=int, default=20, help="batches per timed dataloader round")
+    p.add_argument("--loader-rounds", type=int, default=5, help="alternating timed rounds of each dataloader")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--synthetic-only", action="store_true", help="skip the real sample and the micro-benchmarks")
     p.add_argument(
@@ -547,16 +565,18 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"vocdet": v, "ultralytics": u}, indent=1, default=str))
         return
     print("dataloader ...", flush=True)
-    results["dataloader"] = dataloader_speed(synth_root, out / "yolo" / "synthetic" / "data.yaml", s)
+    results["dataloader"] = {
+        name: dataloader_speed(root, out / "yolo" / name / "data.yaml", s) for name, root in datasets.items()
+    }
     print("metric ...", flush=True)
     results["metric"] = metric_speed()
 
     main_run = results["datasets"]["synthetic"]
     v, u = main_run["vocdet"], main_run["ultralytics"]
+    loader = results["dataloader"]["synthetic"]
     results.update(
         train_speed_ratio=v["img_per_s"] / u["img_per_s"],
-        dataloader_speed_ratio=results["dataloader"]["vocdet_img_per_s"]
-        / results["dataloader"]["ultralytics_img_per_s"],
+        dataloader_speed_ratio=loader["vocdet_img_per_s"] / loader["ultralytics_img_per_s"],
         map50_vocdet=v["vocdet_metric"]["map50"],
         map50_ultralytics=u["vocdet_metric"]["map50"],
         map50_vocdet_by_ultralytics_validator=v["ultralytics_metric"]["map50"],

@@ -1,7 +1,8 @@
 """PASCAL VOC data: XML parsing, dataset discovery, Ultralytics' augmentation recipe, collate, and the DataModule.
 
-Images are decoded with OpenCV (BGR uint8 HWC) and stay uint8 through every augmentation; the channel flip to RGB
-and the CHW transpose happen once at the end, and the float conversion happens on the accelerator.
+Images are decoded with OpenCV (BGR uint8 HWC) and stay uint8 through every augmentation (as BGRA for the warp,
+which OpenCV vectorises for 4 channels); the HSV jitter converts back straight to RGB, the CHW transpose happens
+once at the end, and the float conversion happens on the accelerator.
 Boxes inside the pipeline are ``xyxy`` pixels of the current image; the collated batch carries Ultralytics'
 training format (``batch_idx (N,)``, ``cls (N, 1)``, ``bboxes (N, 4)`` normalised centre xywh).
 """
@@ -177,18 +178,22 @@ def resize_long_side(img: np.ndarray, size: int, augment: bool) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR if (augment or r > 1) else cv2.INTER_AREA)
 
 
-def random_hsv(img: np.ndarray, hgain: float, sgain: float, vgain: float) -> None:
-    """Ultralytics' ``RandomHSV`` in place: one LUT per channel over the HSV image."""
+def random_hsv(img: np.ndarray, hgain: float, sgain: float, vgain: float) -> np.ndarray:
+    """Ultralytics' ``RandomHSV`` (one LUT per channel over the HSV image): BGR or BGRA in, a new RGB image out.
+
+    Converting back from HSV straight to RGB gives the channel order the batch needs at no extra cost.
+    """
     if not (hgain or sgain or vgain):
-        return
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
     r = np.random.uniform(-1, 1, 3) * [hgain, sgain, vgain]
     x = np.arange(0, 256, dtype=r.dtype)
     lut_hue = ((x + r[0] * 180) % 180).astype(np.uint8)
     lut_sat = np.clip(x * (r[1] + 1), 0, 255).astype(np.uint8)
     lut_val = np.clip(x * (r[2] + 1), 0, 255).astype(np.uint8)
     lut_sat[0] = 0
-    lut = np.stack((lut_hue, lut_sat, lut_val), -1).reshape(1, 256, 3)
-    cv2.cvtColor(cv2.LUT(cv2.cvtColor(img, cv2.COLOR_BGR2HSV), lut), cv2.COLOR_HSV2BGR, dst=img)
+    hue, sat, val = cv2.split(cv2.cvtColor(img, cv2.COLOR_BGR2HSV))  # takes BGRA too; single-channel LUTs are SIMD
+    hsv = cv2.merge((cv2.LUT(hue, lut_hue), cv2.LUT(sat, lut_sat), cv2.LUT(val, lut_val)))
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
 
 
 def random_affine(
@@ -202,6 +207,9 @@ def random_affine(
     perspective: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ultralytics' ``RandomPerspective``: warp ``img`` about its centre into a ``size`` x ``size`` canvas.
+
+    Give it BGRA: OpenCV's bilinear warp is vectorised for 4-channel uint8 and runs 2.2x faster than on the same
+    pixels as BGR (0.24 vs 0.53 ms at 640 -> 320 here), with identical colour channels.
 
     Returns (image, boxes xyxy clipped to the canvas, keep mask over the input boxes).
     """
@@ -221,9 +229,9 @@ def random_affine(
     T[1, 2] = random.uniform(0.5 - translate, 0.5 + translate) * size
     M = T @ S @ R @ P @ C
     if perspective:
-        img = cv2.warpPerspective(img, M, dsize=(size, size), borderValue=(PAD_VALUE,) * 3)
+        img = cv2.warpPerspective(img, M, dsize=(size, size), borderValue=(PAD_VALUE,) * 4)
     else:
-        img = cv2.warpAffine(img, M[:2], dsize=(size, size), borderValue=(PAD_VALUE,) * 3)
+        img = cv2.warpAffine(img, M[:2], dsize=(size, size), borderValue=(PAD_VALUE,) * 4)
     n = len(boxes)
     if n == 0:
         return img, boxes, np.zeros(0, bool)
@@ -310,7 +318,7 @@ class VOCDataset(Dataset):
     def _mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s = self.imgsz
         yc, xc = (int(random.uniform(s // 2, 2 * s - s // 2)) for _ in range(2))
-        canvas = np.full((2 * s, 2 * s, 3), PAD_VALUE, dtype=np.uint8)
+        canvas = np.full((2 * s, 2 * s, 4), PAD_VALUE, dtype=np.uint8)  # BGRA, for the warp (random_affine)
         all_boxes, all_cls = [], []
         pool = list(self._buffer) if self._buffer else range(len(self))
         for k, i in enumerate([index, *random.choices(pool, k=3)]):
@@ -328,7 +336,7 @@ class VOCDataset(Dataset):
             else:  # bottom right
                 x1a, y1a, x2a, y2a = xc, yc, min(xc + w, s * 2), min(s * 2, yc + h)
                 x1b, y1b, x2b, y2b = 0, 0, min(w, x2a - x1a), min(y2a - y1a, h)
-            canvas[y1a:y2a, x1a:x2a] = img[y1b:y2b, x1b:x2b]
+            cv2.cvtColor(img[y1b:y2b, x1b:x2b], cv2.COLOR_BGR2BGRA, dst=canvas[y1a:y2a, x1a:x2a])
             all_boxes.append(boxes + np.float32([x1a - x1b, y1a - y1b] * 2))
             all_cls.append(cls)
         boxes = np.concatenate(all_boxes).clip(0, 2 * s)
@@ -342,7 +350,7 @@ class VOCDataset(Dataset):
             interp = cv2.INTER_AREA if max(img.shape[:2]) > self.imgsz else cv2.INTER_LINEAR
             img, ratio, pad = letterbox(img, self.imgsz, interp)
             return {
-                "img": _to_chw_rgb(img),
+                "img": _to_chw(img, bgr=True),
                 "id": rec.id,
                 "orig_size": (rec.height, rec.width),
                 "ratio": ratio,
@@ -355,19 +363,21 @@ class VOCDataset(Dataset):
         else:
             img, boxes, cls = self.load(index)
             img, (gx, gy), pad = letterbox(img, self.imgsz)
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2BGRA)
             boxes = boxes * np.float32([gx, gy, gx, gy]) + np.float32([pad[0], pad[1]] * 2)
         img, boxes, keep = random_affine(
             img, boxes, self.imgsz, h.degrees, h.translate, h.scale, h.shear, h.perspective
         )
         cls = cls[keep]
-        random_hsv(img, h.hsv_h, h.hsv_s, h.hsv_v)
-        if random.random() < h.flipud:
-            img = img[::-1]
+        img = random_hsv(img, h.hsv_h, h.hsv_s, h.hsv_v)  # BGRA -> RGB
+        flip_ud, flip_lr = random.random() < h.flipud, random.random() < h.fliplr
+        if flip_ud:
             boxes[:, [1, 3]] = self.imgsz - boxes[:, [3, 1]]
-        if random.random() < h.fliplr:
-            img = img[:, ::-1]
+        if flip_lr:
             boxes[:, [0, 2]] = self.imgsz - boxes[:, [2, 0]]
-        return {"img": _to_chw_rgb(img), "cls": cls, "boxes": boxes}
+        if flip_ud or flip_lr:
+            img = cv2.flip(img, -1 if flip_ud and flip_lr else 0 if flip_ud else 1)
+        return {"img": _to_chw(img), "cls": cls, "boxes": boxes}
 
 
 def xyxy_to_xywhn(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
@@ -377,8 +387,13 @@ def xyxy_to_xywhn(boxes: np.ndarray, width: float, height: float) -> np.ndarray:
     return xywh / scale
 
 
-def _to_chw_rgb(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)[::-1]))
+def _to_chw(img: np.ndarray, bgr: bool = False) -> torch.Tensor:
+    """HWC uint8 -> CHW RGB tensor. ``cv2.split`` into the planes of the output is 6x faster than a transposing copy
+    (0.014 vs 0.085 ms at 320 x 320); a BGR image's planes go in reverse order."""
+    out = torch.empty((img.shape[2], *img.shape[:2]), dtype=torch.uint8)
+    planes = list(out.numpy())
+    cv2.split(img, planes[::-1] if bgr else planes)
+    return out
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
