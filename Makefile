@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vocdet-installed
 
-.PHONY: setup browser train repro test test-fast bench bench-predict serve loadtest soak docker-build lint format clean
+.PHONY: setup browser train repro test test-fast bench bench-steps bench-predict serve loadtest soak docker-build lint format clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ test-fast: setup
 ## vocdet vs Ultralytics' trainer side by side (minutes; not part of `make test`); writes runs/bench/results.json.
 bench: setup
 	$(BIN)/python -m vocdet.bench
+
+## Milliseconds per training step, part by part (data wait, forward, loss, backward, ...), vocdet vs Ultralytics.
+bench-steps: setup
+	$(BIN)/python -m vocdet.bench_steps
 
 ## Inference latency/throughput: Detector (PyTorch, ONNX Runtime) vs Ultralytics' YOLO.predict (needs `make train`).
 bench-predict: setup

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vocdet.bench import metric_speed, to_yolo, ultralytics_pt_to_vocdet, vocdet_ckpt_to_ultralytics
+from vocdet.bench import BENCH_ENV, metric_speed, to_yolo, ultralytics_pt_to_vocdet, vocdet_ckpt_to_ultralytics
 from vocdet.data import VOC_OFFSET, load_records, resolve_split
 
 
@@ -32,6 +32,39 @@ def test_to_yolo_labels_match_the_voc_boxes(synth_root: Path, tmp_path: Path) ->
                 x1, y1, x2, y2 = (r.boxes[keep] - VOC_OFFSET).T
                 np.testing.assert_allclose(got[:, 1], (x1 + x2) / 2 / r.width, atol=2e-6)
                 np.testing.assert_allclose(got[:, 4], (y2 - y1) / r.height, atol=2e-6)
+
+
+def test_ultralytics_side_trains_with_the_race_threads_and_workers(synth_root: Path, tmp_path: Path) -> None:
+    """On CPU, Ultralytics' trainer sets workers=0 and cpu_count - 1 torch threads; the race overrides both."""
+    import subprocess
+    import sys
+
+    args = {
+        "data": str(to_yolo(synth_root, tmp_path / "yolo")),
+        "imgsz": 64,
+        "batch": 8,
+        "workers": 1,
+        "epochs": 1,
+        "nbs": 8,
+        "close_mosaic": 0,
+        "warmup_epochs": 0,
+        "seed": 0,
+        "project": str(tmp_path / "runs"),
+        "name": "ultralytics",
+    }
+    out = tmp_path / "u.json"
+    env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": "2", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vocdet.bench", "_ultralytics_train", json.dumps(args), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert res["threads"] == [2] and res["workers"] == [1]
+    assert res["images"] == [float(len(load_records(resolve_split(synth_root, [], "train"), "train")))]
 
 
 def test_checkpoint_converters_round_trip(synth_root: Path, tmp_path: Path) -> None:

@@ -48,6 +48,32 @@ def test_loss_equals_ultralytics_detection_model_loss(batch: dict) -> None:
     assert (module.model.args.box, module.model.args.cls, module.model.args.dfl) == (7.5, 0.5, 1.5)
 
 
+def test_loss_is_computed_in_fp32_under_bf16_autocast(batch: dict) -> None:
+    """Lightning's bf16-mixed wraps the training step in autocast; the loss still sees fp32 predictions."""
+    module = _module()
+    module.model.train()
+    seen = []
+    criterion = module._criterion()
+
+    class Recording:
+        device = criterion.device
+
+        def __call__(self, preds: dict, b: dict) -> tuple:
+            seen.append(preds)
+            return criterion(preds, b)
+
+    module.criterion = Recording()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = module.compute_loss(batch)
+        raw = module.model(module._input(batch["img"]))
+    assert raw["boxes"].dtype == torch.bfloat16  # the network itself did run in bf16
+    assert seen[0]["boxes"].dtype == seen[0]["scores"].dtype == torch.float32
+    assert all(f.dtype == torch.float32 for f in seen[0]["feats"])
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and loss.item() > 0
+    expected, _ = criterion({k: v.float() if k != "feats" else [f.float() for f in v] for k, v in raw.items()}, batch)
+    assert loss.item() == pytest.approx(expected.sum().item(), rel=1e-5)
+
+
 def test_loss_gains_come_from_config(batch: dict) -> None:
     a, _ = _module().compute_loss(batch)
     b_module = _module("train.box=0", "train.cls=0", "train.dfl=0")

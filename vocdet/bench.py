@@ -71,13 +71,15 @@ class PeakMemory:
     """Samples a training process: its own RSS, and the PSS summed over it and its descendants.
 
     Summing RSS over forked dataloader workers counts the pages they share with the parent once per process;
-    PSS splits shared pages between their users, so the tree sum is the memory the run really holds.
+    PSS splits shared pages between their users, so the tree sum is the memory the run really holds. Reading PSS
+    walks every page of every process (~90 ms of CPU for a training tree here), so it is sampled every
+    ``pss_interval`` seconds: at 5 times a second it took an eighth of this 2-core machine from the run it timed.
     """
 
-    def __init__(self, pid: int, interval: float = 0.2):
+    def __init__(self, pid: int, interval: float = 0.2, pss_interval: float = 5.0):
         import psutil
 
-        self.proc, self.interval = psutil.Process(pid), interval
+        self.proc, self.interval, self.pss_interval = psutil.Process(pid), interval, pss_interval
         self.peak_rss = self.peak_tree_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -86,14 +88,17 @@ class PeakMemory:
     def _run(self) -> None:
         import psutil
 
+        next_pss = 0.0
         while not self._stop.is_set():
             try:
                 self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
-                total = 0
-                for p in [self.proc, *self.proc.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        total += p.memory_full_info().pss
-                self.peak_tree_pss = max(self.peak_tree_pss, total)
+                if time.monotonic() >= next_pss:
+                    next_pss = time.monotonic() + self.pss_interval
+                    total = 0
+                    for p in [self.proc, *self.proc.children(recursive=True)]:
+                        with contextlib.suppress(psutil.Error):
+                            total += p.memory_full_info().pss
+                    self.peak_tree_pss = max(self.peak_tree_pss, total)
             except psutil.Error:
                 break
             self._stop.wait(self.interval)
@@ -127,7 +132,15 @@ def _timed_throughput(images: list[float], seconds: list[float]) -> float:
     return float(sum(images[1:]) / max(sum(seconds[1:]), 1e-9))
 
 
-def train_vocdet(voc_root: Path, run_dir: Path, s: argparse.Namespace) -> dict[str, Any]:
+# vocdet races with its defaults: fp32, the numerics of Ultralytics' CPU training. Beside it, on the synthetic set,
+# bf16 autocast, which CPUs with AVX512-BF16 or AMX run in hardware (Ultralytics has no mixed precision on CPU).
+MAIN_OPTIONS: list[str] = []
+VARIANTS = {"bf16": ["trainer.precision=bf16-mixed"]}
+
+
+def train_vocdet(
+    voc_root: Path, run_dir: Path, s: argparse.Namespace, options: list[str], name: str = "vocdet"
+) -> dict[str, Any]:
     over = [
         f"data.root={voc_root}",
         f"data.imgsz={s.imgsz}",
@@ -138,27 +151,30 @@ def train_vocdet(voc_root: Path, run_dir: Path, s: argparse.Namespace) -> dict[s
         f"train.nbs={s.nbs}",
         f"train.warmup_epochs={s.warmup_epochs}",
         f"run.dir={run_dir}",
-        "run.name=vocdet",
+        f"run.name={name}",
         "run.exist_ok=true",
         f"run.seed={s.seed}",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
         "logging.wandb=false",
+        *options,
     ]
-    log = run_dir / "vocdet.log"
+    log = run_dir / f"{name}.log"
     peak, wall = run_measured(
         [sys.executable, "-m", "vocdet", "train", *over], log, {**BENCH_ENV, **_threads(s)}, s.timeout
     )
-    rows = list(csv.DictReader((run_dir / "vocdet" / "csv" / "metrics.csv").open()))
+    rows = list(csv.DictReader((run_dir / name / "csv" / "metrics.csv").open()))
     epochs = [r for r in rows if r.get("train/img_per_s")]
     secs = [float(r["train/epoch_seconds"]) for r in epochs]
     imgs = [float(r["train/img_per_s"]) * t for r, t in zip(epochs, secs)]
-    metrics = json.loads((run_dir / "vocdet" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / name / "metrics.json").read_text())
     return {
         "img_per_s": _timed_throughput(imgs, secs),
         **peak,
         "wall_s": wall,
-        "best": str(run_dir / "vocdet" / "checkpoints" / "best.ckpt"),
+        "options": options,
+        "first_epoch_s": secs[0],
+        "best": str(run_dir / name / "checkpoints" / "best.ckpt"),
         "own_metric": {"map50": metrics["map50"], "map50_95": metrics["map50_95"]},
     }
 
@@ -186,8 +202,12 @@ def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> 
         s.timeout,
     )
     res = json.loads(out.read_text())
+    for key, want in (("threads", s.threads), ("workers", s.workers)):
+        if set(res[key]) != {want}:
+            raise SystemExit(f"bench: Ultralytics trained with {key} {sorted(set(res[key]))}, not {want}")
     return {
         "img_per_s": _timed_throughput(res["images"], res["seconds"]),
+        "first_epoch_s": res["seconds"][0],
         **peak,
         "wall_s": wall,
         "best": res["best"],
@@ -202,20 +222,27 @@ def _ultralytics_train(args_json: str, out: str) -> None:
 
     args = json.loads(args_json)
     model = YOLO("yolov8n.yaml")
-    times: dict[str, list[float]] = {"images": [], "seconds": []}
+    times: dict[str, list[float]] = {"images": [], "seconds": [], "threads": [], "workers": []}
     state: dict[str, float] = {}
 
     def epoch_start(trainer: Any) -> None:
+        times["threads"].append(torch.get_num_threads())
+        times["workers"].append(trainer.train_loader.num_workers)
         state["t"] = time.perf_counter()
 
     def epoch_end(trainer: Any) -> None:  # fires after the last batch, before validation
         times["seconds"].append(time.perf_counter() - state["t"])
         times["images"].append(float(len(trainer.train_loader.dataset)))
 
-    def keep_workers(trainer: Any) -> None:  # Ultralytics sets workers=0 on CPU; the race uses the same count on both
-        trainer.args.workers = args["workers"]
+    threads = int(os.environ["OMP_NUM_THREADS"])
 
-    model.add_callback("on_pretrain_routine_start", keep_workers)
+    def same_resources(trainer: Any) -> None:
+        # On CPU, Ultralytics' trainer sets workers=0 and its select_device sets torch to cpu_count - 1 threads;
+        # the race gives both sides the same workers and threads.
+        trainer.args.workers = args["workers"]
+        torch.set_num_threads(threads)
+
+    model.add_callback("on_pretrain_routine_start", same_resources)
     model.add_callback("on_train_epoch_start", epoch_start)
     model.add_callback("on_train_epoch_end", epoch_end)
     torch.manual_seed(args["seed"])
@@ -442,28 +469,39 @@ def metric_speed(n_images: int = 5000, n_classes: int = 20, seed: int = 0) -> di
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def race(name: str, voc_root: Path, out: Path, s: argparse.Namespace) -> dict[str, Any]:
-    """Train both on one dataset, then score both models with both metric implementations."""
+def race(name: str, voc_root: Path, out: Path, s: argparse.Namespace, variants: bool = False) -> dict[str, Any]:
+    """Train both on one dataset, then score both models with both metric implementations; with ``variants``,
+    also train vocdet with each of ``VARIANTS`` (scored by its own metric)."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     data_yaml = to_yolo(voc_root, out / "yolo" / name)
     print(f"[{name}] training vocdet ...", flush=True)
-    v = train_vocdet(voc_root, run_dir, s)
+    v = train_vocdet(voc_root, run_dir, s, MAIN_OPTIONS)
+    extra = {}
+    for key, options in VARIANTS.items() if variants else ():
+        print(f"[{name}] training vocdet ({key}) ...", flush=True)
+        extra[key] = train_vocdet(voc_root, run_dir, s, options, name=f"vocdet-{key}")
     print(f"[{name}] training Ultralytics ...", flush=True)
     u = train_ultralytics(data_yaml, run_dir, s)
     v_pt = vocdet_ckpt_to_ultralytics(Path(v["best"]), run_dir / "vocdet_as_ultralytics.pt")
     u_ckpt = ultralytics_pt_to_vocdet(Path(u["best"]), voc_root, s, run_dir / "ultralytics_as_vocdet.ckpt")
     v["vocdet_metric"], v["ultralytics_metric"] = v["own_metric"], score_with_ultralytics(v_pt, data_yaml, s)
     u["ultralytics_metric"], u["vocdet_metric"] = u["own_metric"], score_with_vocdet(u_ckpt, s)
-    return {"vocdet": v, "ultralytics": u}
+    return {"vocdet": v, "ultralytics": u, "vocdet_variants": extra}
 
 
 def print_table(results: dict[str, Any]) -> None:
     rows = []
     for name, r in results["datasets"].items():
         v, u = r["vocdet"], r["ultralytics"]
-        rows.append((f"{name}: train img/s", v["img_per_s"], u["img_per_s"]))
+        rows.append((f"{name}: train img/s ({' '.join(v['options']) or 'defaults'})", v["img_per_s"], u["img_per_s"]))
+        rows.append((f"{name}: first (warm-up) epoch seconds", v["first_epoch_s"], u["first_epoch_s"]))
+        for key, x in r.get("vocdet_variants", {}).items():
+            opts = " ".join(x["options"]) or "defaults"
+            rows.append((f"{name}: train img/s, vocdet {key} ({opts})", x["img_per_s"], u["img_per_s"]))
+            mine, theirs = x["own_metric"]["map50"], u["vocdet_metric"]["map50"]
+            rows.append((f"{name}: mAP50, vocdet {key} (vocdet's metric)", mine, theirs))
         for metric in ("vocdet_metric", "ultralytics_metric"):
             label = "vocdet's metric" if metric == "vocdet_metric" else "Ultralytics' validator"
             rows.append((f"{name}: mAP50 ({label})", v[metric]["map50"], u[metric]["map50"]))
@@ -518,6 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loader-rounds", type=int, default=5, help="alternating timed rounds of each dataloader")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--synthetic-only", action="store_true", help="skip the real sample and the micro-benchmarks")
+    p.add_argument("--no-variants", action="store_true", help="skip vocdet's bf16 run beside the race")
     p.add_argument(
         "--extra-seeds",
         type=int,
@@ -545,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
         epochs = s.epochs
         if name != "synthetic":
             s.epochs = s.real_epochs
-        results["datasets"][name] = race(name, root, out, s)
+        results["datasets"][name] = race(name, root, out, s, variants=name == "synthetic" and not s.no_variants)
         s.epochs = epochs
     seeds: dict[str, list[float]] = {"vocdet": [], "ultralytics": []}
     base_seed = s.seed
@@ -585,6 +624,9 @@ def main(argv: list[str] | None = None) -> None:
         peak_tree_pss_ratio=v["peak_tree_pss_mb"] / u["peak_tree_pss_mb"],
         metric_seconds_5k=results["metric"]["vocdet_s"],
     )
+    for key, r in main_run["vocdet_variants"].items():
+        results[f"train_speed_ratio_{key}"] = r["img_per_s"] / u["img_per_s"]
+        results[f"map50_vocdet_{key}"] = r["own_metric"]["map50"]
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print_table(results)
     print(f"\nwrote {out / 'results.json'}")

@@ -167,7 +167,11 @@ class DetectionModule(L.LightningModule):
         Returns the scalar sum (box + cls + dfl, each times the batch size, as Ultralytics back-propagates it)
         and the detached per-image components.
         """
-        loss, items = self._criterion()(self.model(self._input(batch["img"])), batch)
+        preds = self.model(self._input(batch["img"]))
+        # The loss in fp32 under any autocast: Ultralytics decodes boxes in the predictions' dtype, and bf16's 8-bit
+        # mantissa would put box edges several pixels off (~4 px at the far side of a 640 image).
+        with torch.autocast(self.device.type, enabled=False):
+            loss, items = self._criterion()(_fp32(preds), batch)
         return loss.sum(), items
 
     def on_fit_start(self) -> None:
@@ -312,3 +316,14 @@ class DetectionModule(L.LightningModule):
 def _normalise(img: torch.Tensor) -> torch.Tensor:
     """uint8 0-255 -> float 0-1 on the device (the copy to the device stays 4x smaller as uint8)."""
     return img.float().div_(255) if img.dtype == torch.uint8 else img
+
+
+def _fp32(x: Any) -> Any:
+    """Floating tensors in a (nested) dict/list/tuple as float32; fp32 tensors are returned as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: _fp32(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_fp32(v) for v in x)
+    return x
