@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from vocdet.bench import BENCH_ENV, metric_speed, to_yolo, ultralytics_pt_to_vocdet, vocdet_ckpt_to_ultralytics
+from vocdet.bench import (
+    BENCH_ENV,
+    metric_speed,
+    to_yolo,
+    ultralytics_args,
+    ultralytics_pt_to_vocdet,
+    vocdet_ckpt_to_ultralytics,
+)
 from vocdet.data import VOC_OFFSET, load_records, resolve_split
 
 
@@ -36,22 +43,12 @@ def test_to_yolo_labels_match_the_voc_boxes(synth_root: Path, tmp_path: Path) ->
 
 def test_ultralytics_side_trains_with_the_race_threads_and_workers(synth_root: Path, tmp_path: Path) -> None:
     """On CPU, Ultralytics' trainer sets workers=0 and cpu_count - 1 torch threads; the race overrides both."""
+    import argparse
     import subprocess
     import sys
 
-    args = {
-        "data": str(to_yolo(synth_root, tmp_path / "yolo")),
-        "imgsz": 64,
-        "batch": 8,
-        "workers": 1,
-        "epochs": 1,
-        "nbs": 8,
-        "close_mosaic": 0,
-        "warmup_epochs": 0,
-        "seed": 0,
-        "project": str(tmp_path / "runs"),
-        "name": "ultralytics",
-    }
+    race = argparse.Namespace(imgsz=64, batch=8, workers=1, epochs=1, nbs=8, close_mosaic=0, warmup_epochs=0, seed=0)
+    args = ultralytics_args(to_yolo(synth_root, tmp_path / "yolo"), tmp_path / "runs", race)
     out = tmp_path / "u.json"
     env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": "2", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
     proc = subprocess.run(

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,15 @@ def to_yolo(voc_root: Path, out: Path) -> Path:
     yaml = out / "data.yaml"
     yaml.write_text(f"path: {out.resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}\n")
     return yaml
+
+
+def synthetic_set(root: Path, images: int, seed: int, imgsz: int) -> Path:
+    """The race's synthetic VOC folder (80/20 train/val), made once."""
+    if not root.exists():
+        from vocdet.synth import synthesize_voc
+
+        synthesize_voc(root, images=images, seed=seed, size=imgsz, val_fraction=0.2)
+    return root
 
 
 # ----------------------------------------------------------------------------------------------- processes
@@ -134,14 +143,14 @@ def _timed_throughput(images: list[float], seconds: list[float]) -> float:
 
 # vocdet races with its defaults: fp32, the numerics of Ultralytics' CPU training. Beside it, on the synthetic set,
 # bf16 autocast, which CPUs with AVX512-BF16 or AMX run in hardware (Ultralytics has no mixed precision on CPU).
-MAIN_OPTIONS: list[str] = []
 VARIANTS = {"bf16": ["trainer.precision=bf16-mixed"]}
 
 
-def train_vocdet(
-    voc_root: Path, run_dir: Path, s: argparse.Namespace, options: list[str], name: str = "vocdet"
-) -> dict[str, Any]:
-    over = [
+def vocdet_overrides(
+    voc_root: Path, run_dir: Path, s: argparse.Namespace, name: str = "vocdet", options: Sequence[str] = ()
+) -> list[str]:
+    """The race's settings as ``vocdet train`` overrides (run in ``run_dir / name``)."""
+    return [
         f"data.root={voc_root}",
         f"data.imgsz={s.imgsz}",
         f"data.batch_size={s.batch}",
@@ -159,29 +168,39 @@ def train_vocdet(
         "logging.wandb=false",
         *options,
     ]
+
+
+def vocdet_epochs(run: Path) -> tuple[list[float], list[float]]:
+    """(seconds, images) of each training epoch of a vocdet run, from its CSV log (validation excluded)."""
+    rows = [r for r in csv.DictReader((run / "csv" / "metrics.csv").open()) if r.get("train/img_per_s")]
+    secs = [float(r["train/epoch_seconds"]) for r in rows]
+    return secs, [float(r["train/img_per_s"]) * t for r, t in zip(rows, secs)]
+
+
+def train_vocdet(
+    voc_root: Path, run_dir: Path, s: argparse.Namespace, options: Sequence[str] = (), name: str = "vocdet"
+) -> dict[str, Any]:
+    over = vocdet_overrides(voc_root, run_dir, s, name, options)
     log = run_dir / f"{name}.log"
     peak, wall = run_measured(
         [sys.executable, "-m", "vocdet", "train", *over], log, {**BENCH_ENV, **_threads(s)}, s.timeout
     )
-    rows = list(csv.DictReader((run_dir / name / "csv" / "metrics.csv").open()))
-    epochs = [r for r in rows if r.get("train/img_per_s")]
-    secs = [float(r["train/epoch_seconds"]) for r in epochs]
-    imgs = [float(r["train/img_per_s"]) * t for r, t in zip(epochs, secs)]
+    secs, imgs = vocdet_epochs(run_dir / name)
     metrics = json.loads((run_dir / name / "metrics.json").read_text())
     return {
         "img_per_s": _timed_throughput(imgs, secs),
         **peak,
         "wall_s": wall,
-        "options": options,
+        "options": list(options),
         "first_epoch_s": secs[0],
         "best": str(run_dir / name / "checkpoints" / "best.ckpt"),
         "own_metric": {"map50": metrics["map50"], "map50_95": metrics["map50_95"]},
     }
 
 
-def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> dict[str, Any]:
-    out = run_dir / "ultralytics.json"
-    args = {
+def ultralytics_args(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> dict[str, Any]:
+    """The race's settings as arguments of ``_ultralytics_train`` (run in ``run_dir / "ultralytics"``)."""
+    return {
         "data": str(data_yaml),
         "imgsz": s.imgsz,
         "batch": s.batch,
@@ -194,6 +213,11 @@ def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> 
         "project": str(run_dir),
         "name": "ultralytics",
     }
+
+
+def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> dict[str, Any]:
+    out = run_dir / "ultralytics.json"
+    args = ultralytics_args(data_yaml, run_dir, s)
     log = run_dir / "ultralytics.log"
     peak, wall = run_measured(
         [sys.executable, "-m", "vocdet.bench", "_ultralytics_train", json.dumps(args), str(out)],
@@ -477,7 +501,7 @@ def race(name: str, voc_root: Path, out: Path, s: argparse.Namespace, variants: 
     run_dir.mkdir(parents=True)
     data_yaml = to_yolo(voc_root, out / "yolo" / name)
     print(f"[{name}] training vocdet ...", flush=True)
-    v = train_vocdet(voc_root, run_dir, s, MAIN_OPTIONS)
+    v = train_vocdet(voc_root, run_dir, s)
     extra = {}
     for key, options in VARIANTS.items() if variants else ():
         print(f"[{name}] training vocdet ({key}) ...", flush=True)
@@ -571,11 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     out = s.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
-    from vocdet.synth import synthesize_voc
-
-    synth_root = out / "data" / "synth"
-    if not synth_root.exists():
-        synthesize_voc(synth_root, images=s.synth_images, seed=s.seed, size=s.imgsz, val_fraction=0.2)
+    synth_root = synthetic_set(out / "data" / "synth", s.synth_images, s.seed, s.imgsz)
     datasets = {"synthetic": synth_root}
     if SAMPLE.is_dir() and not s.synthetic_only:
         datasets["voc-sample100"] = SAMPLE

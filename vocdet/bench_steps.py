@@ -88,61 +88,27 @@ def _instrument(warm_steps: int) -> tuple[dict[str, float], dict[str, int]]:
     return seconds, state
 
 
+def _race_settings(s: argparse.Namespace) -> argparse.Namespace:
+    """The bench's race settings for a step profile: one optimiser step a batch, mosaic throughout, seed 0."""
+    return argparse.Namespace(**vars(s), nbs=s.batch, close_mosaic=0, warmup_epochs=1.0, seed=0)
+
+
 def _side(which: str, s: argparse.Namespace) -> None:
     """Child process: train one side with the timers in place; write its figures to ``s.out``."""
-    from vocdet.bench import _ultralytics_train
+    from vocdet.bench import _ultralytics_train, to_yolo, ultralytics_args, vocdet_epochs, vocdet_overrides
 
     n_train = len((Path(s.data) / "ImageSets" / "Main" / "train.txt").read_text().split())
     per_epoch = math.ceil(n_train / s.batch)
     seconds, state = _instrument(warm_steps=per_epoch)
-    run_dir = Path(s.out).with_suffix("") / which
+    run_dir, race = Path(s.out).with_suffix(""), _race_settings(s)
     if which == "vocdet":
-        import csv
-
         import vocdet
         from vocdet.config import load_config
 
-        cfg = load_config(
-            None,
-            [
-                f"data.root={s.data}",
-                f"data.imgsz={s.imgsz}",
-                f"data.batch_size={s.batch}",
-                f"data.num_workers={s.workers}",
-                "data.close_mosaic=0",
-                f"train.epochs={s.epochs}",
-                f"train.nbs={s.batch}",
-                "train.warmup_epochs=1",
-                f"run.dir={run_dir}",
-                "run.name=vocdet",
-                "run.exist_ok=true",
-                "trainer.accelerator=cpu",
-                "trainer.enable_progress_bar=false",
-                "logging.wandb=false",
-                "logging.plots=false",
-            ],
-        )
-        vocdet.train(cfg)
-        rows = [
-            r for r in csv.DictReader((run_dir / "vocdet" / "csv" / "metrics.csv").open()) if r["train/epoch_seconds"]
-        ]
-        epoch_seconds = [float(r["train/epoch_seconds"]) for r in rows]
+        vocdet.train(load_config(None, vocdet_overrides(Path(s.data), run_dir, race, options=["logging.plots=false"])))
+        epoch_seconds, _ = vocdet_epochs(run_dir / "vocdet")
     else:
-        from vocdet.bench import to_yolo
-
-        args = {
-            "data": str(to_yolo(Path(s.data), run_dir / "yolo")),
-            "imgsz": s.imgsz,
-            "batch": s.batch,
-            "workers": s.workers,
-            "epochs": s.epochs,
-            "nbs": s.batch,
-            "close_mosaic": 0,
-            "warmup_epochs": 1,
-            "seed": 0,
-            "project": str(run_dir),
-            "name": "ultralytics",
-        }
+        args = ultralytics_args(to_yolo(Path(s.data), run_dir / "yolo"), run_dir, race)
         _ultralytics_train(json.dumps(args), str(run_dir / "ultralytics.json"))
         epoch_seconds = json.loads((run_dir / "ultralytics.json").read_text())["seconds"]
     steps = state["steps"] - per_epoch
@@ -163,17 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3, help="the first is the warm-up and is not counted")
     p.add_argument("--side", choices=("vocdet", "ultralytics"), help=argparse.SUPPRESS)
     s = p.parse_args(argv)
-    from vocdet.bench import BENCH_ENV
+    from vocdet.bench import BENCH_ENV, _threads, synthetic_set
 
     os.environ.update(BENCH_ENV)
     if s.side:
         _side(s.side, s)
         return
-    if not s.data.exists():
-        from vocdet.synth import synthesize_voc
-
-        synthesize_voc(s.data, images=400, seed=0, size=s.imgsz, val_fraction=0.2)
-    env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads)}
+    synthetic_set(s.data, images=400, seed=0, imgsz=s.imgsz)
+    env = {**os.environ, **_threads(s)}
     env.setdefault("YOLO_CONFIG_DIR", str(s.out.resolve().parent / "ultralytics_cfg"))
     results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(s).items() if k != "side"}}
     for which in ("vocdet", "ultralytics"):
