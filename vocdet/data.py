@@ -317,12 +317,14 @@ class VOCDataset(Dataset):
 
     def _mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s = self.imgsz
+        # As Ultralytics' Mosaic: the image itself enters the buffer first, then three partners are drawn from the
+        # buffer (the image included), then the mosaic centre.
+        first = self.load(index)
+        partners = random.choices(list(self._buffer) if self._buffer else range(len(self)), k=3)
         yc, xc = (int(random.uniform(s // 2, 2 * s - s // 2)) for _ in range(2))
         canvas = np.full((2 * s, 2 * s, 4), PAD_VALUE, dtype=np.uint8)  # BGRA, for the warp (random_affine)
         all_boxes, all_cls = [], []
-        pool = list(self._buffer) if self._buffer else range(len(self))
-        for k, i in enumerate([index, *random.choices(pool, k=3)]):
-            img, boxes, cls = self.load(i)
+        for k, (img, boxes, cls) in enumerate([first, *(self.load(i) for i in partners)]):
             h, w = img.shape[:2]
             if k == 0:  # top left
                 x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc
