@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -119,3 +120,33 @@ def test_bench_predict_prints_and_writes_its_figures(
     for name in ("ultralytics", "torch", "onnx"):
         assert saved[name]["median_ms"] > 0 and saved[name]["batch2_img_s"] > 0
     assert saved["torch_latency_ratio"] == pytest.approx(r["torch"]["median_ms"] / r["ultralytics"]["median_ms"])
+
+
+def test_fidelity_confidence_interval_and_t_quantiles() -> None:
+    from vocdet.bench_fidelity import mean_diff_ci, t975
+
+    assert t975(4) == pytest.approx(2.776) and t975(1e6) == pytest.approx(1.96) and 2.571 < t975(4.5) < 2.776
+    # Welch: equal variances and sizes give df = 2n - 2; the interval is d ± t * sqrt(2 s² / n).
+    a, b = [0.80, 0.82, 0.84, 0.86, 0.88], [0.81, 0.83, 0.85, 0.87, 0.89]
+    d, lo, hi = mean_diff_ci(a, b)
+    half = 2.306 * math.sqrt(2 * np.var(a, ddof=1) / 5)
+    assert d == pytest.approx(-0.01) and lo == pytest.approx(d - half) and hi == pytest.approx(d + half)
+
+
+def test_second_generator_writes_one_based_voc_boxes_that_bound_the_shapes(tmp_path: Path) -> None:
+    """shapes2's XML follows VOC's convention, so vocdet's -1 offset lands each box on the drawn pixels."""
+    import cv2
+
+    from vocdet.bench_fidelity import shapes2
+
+    root = shapes2(tmp_path / "s2", images=12, seed=0, size=160)
+    recs = load_records(resolve_split(root, [], "train"), "train") + load_records(resolve_split(root, [], "val"), "val")
+    assert len(recs) == 12 and sum(len(r.boxes) for r in recs) > 20
+    sizes = set()
+    for r in recs:
+        img = cv2.imread(r.image)
+        sizes.add(img.shape[:2])
+        x1, y1, x2, y2 = (r.boxes - VOC_OFFSET).T  # continuous pixel edges
+        assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= r.width).all() and (y2 <= r.height).all()
+        assert ((x2 - x1) >= 6).all() and ((y2 - y1) >= 6).all()
+    assert len(sizes) > 3  # several sizes and aspect ratios

@@ -209,6 +209,7 @@ def ultralytics_args(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> d
         "nbs": s.nbs,
         "close_mosaic": s.close_mosaic,
         "warmup_epochs": s.warmup_epochs,
+        "mosaic": getattr(s, "mosaic", 1.0),
         "seed": s.seed,
         "project": str(run_dir),
         "name": "ultralytics",
@@ -270,8 +271,7 @@ def _ultralytics_train(args_json: str, out: str) -> None:
     model.add_callback("on_train_epoch_start", epoch_start)
     model.add_callback("on_train_epoch_end", epoch_end)
     torch.manual_seed(args["seed"])
-    results = model.train(
-        **args,
+    recipe = dict(
         device="cpu",
         optimizer="SGD",
         lr0=0.01,
@@ -305,6 +305,7 @@ def _ultralytics_train(args_json: str, out: str) -> None:
         exist_ok=True,
         verbose=False,
     )
+    results = model.train(**{**recipe, **args})
     best = Path(model.trainer.best)
     Path(out).write_text(
         json.dumps({**times, "best": str(best), "map50": float(results.box.map50), "map50_95": float(results.box.map)})
