@@ -60,7 +60,6 @@ def _vocdet_run(batches: list[dict[str, Any]], init: dict[str, torch.Tensor]) ->
             f"train.nbs={NBS}",
             f"train.epochs={EPOCHS}",
             "train.warmup_epochs=1",
-            "train.channels_last=false",  # Ultralytics trains NCHW on the CPU
         ],
     )
     module = DetectionModule(to_dict(cfg))
@@ -140,6 +139,7 @@ def test_trajectory_equals_ultralytics_trainer_with_accumulation_and_warmup() ->
     ours = _vocdet_run(batches, init)
     theirs = _ultralytics_run(batches, init)
 
+    assert ours._channels_last is False  # the default on the CPU: NCHW, as Ultralytics trains there
     assert ours._last_opt_step == theirs.last_opt_step
     assert int(ours.ema_updates) == theirs.ema.updates >= 5  # several steps, warmup crossed
     opt_ours, opt_theirs = ours.trainer.optimizers[0], theirs.optimizer

@@ -172,3 +172,14 @@ def test_pretrained_transfer_is_shape_matched(tmp_path: Path) -> None:
     other = [k for k in dst if k not in same_shape]
     assert other and all(k.startswith("model.22.cv3") for k in other)  # only the class branch differs
     assert all(torch.equal(dst[k], fresh[k]) for k in other)
+
+
+def test_channels_last_is_off_on_the_cpu_unless_asked_for() -> None:
+    """train.channels_last=null (the default): NHWC on CUDA only; NHWC trained worse models on the CPU."""
+    default, forced = _module(), _module("train.channels_last=true")
+    default.setup("fit")
+    forced.setup("fit")
+    assert default._channels_last is False
+    assert default.model.model[0].conv.weight.is_contiguous()
+    assert forced._channels_last is True
+    assert forced.model.model[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
