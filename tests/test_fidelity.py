@@ -52,6 +52,20 @@ def _batches(n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def _training_only(epochs: int) -> L.Trainer:
+    """A real Lightning Trainer on the CPU that trains and does nothing else (no validation, logs or checkpoints)."""
+    return L.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+
+
 def _vocdet_run(batches: list[dict[str, Any]], init: dict[str, torch.Tensor]) -> DetectionModule:
     cfg = load_config(
         None,
@@ -66,17 +80,7 @@ def _vocdet_run(batches: list[dict[str, Any]], init: dict[str, torch.Tensor]) ->
     module.model.load_state_dict(init)
     module.ema_model.load_state_dict(init)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=EPOCHS,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    _training_only(EPOCHS).fit(module, train_dataloaders=loader)
     return module
 
 
@@ -300,17 +304,7 @@ def test_close_mosaic_reaches_persistent_workers_at_the_right_epoch(
             seen.setdefault(self.current_epoch, []).extend(batch["mosaic"])
             return super().training_step(batch, batch_idx)
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
-    trainer.fit(Recording(to_dict(cfg)), datamodule=data.VOCDataModule(cfg.data))
+    _training_only(epochs).fit(Recording(to_dict(cfg)), datamodule=data.VOCDataModule(cfg.data))
     assert sorted(seen) == list(range(epochs)) and all(len(v) == 24 for v in seen.values())  # 24 train images
     assert all(all(seen[e]) for e in range(epochs - close))
     assert not any(any(seen[e]) for e in range(epochs - close, epochs))
