@@ -52,18 +52,20 @@ def _batches(n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+_TRAINING_ONLY = dict(
+    accelerator="cpu",
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    limit_val_batches=0,
+    num_sanity_val_steps=0,
+)
+
+
 def _training_only(epochs: int) -> L.Trainer:
     """A real Lightning Trainer on the CPU that trains and does nothing else (no validation, logs or checkpoints)."""
-    return L.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    return L.Trainer(max_epochs=epochs, **_TRAINING_ONLY)
 
 
 def _vocdet_run(batches: list[dict[str, Any]], init: dict[str, torch.Tensor]) -> DetectionModule:
@@ -308,3 +310,33 @@ def test_close_mosaic_reaches_persistent_workers_at_the_right_epoch(
     assert sorted(seen) == list(range(epochs)) and all(len(v) == 24 for v in seen.values())  # 24 train images
     assert all(all(seen[e]) for e in range(epochs - close))
     assert not any(any(seen[e]) for e in range(epochs - close, epochs))
+
+
+@pytest.mark.slow
+def test_gradient_clipping_sees_unscaled_fp16_gradients() -> None:
+    """Under 16-mixed, Lightning's GradScaler multiplies the loss by 65536; the clip must see true gradients."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    seen: list[float] = []
+
+    class Recording(DetectionModule):
+        def clip_gradients(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+            super().clip_gradients(optimizer, *args, **kwargs)
+
+    def run(plugins: list[Any]) -> float:
+        seen.clear()
+        torch.manual_seed(0)
+        cfg = load_config(None, [f"data.batch_size={BATCH}", f"train.nbs={BATCH}", "train.epochs=1"])
+        trainer = L.Trainer(**{**_TRAINING_ONLY, "max_epochs": 1, "max_steps": 1, "plugins": plugins})
+        trainer.fit(
+            Recording(to_dict(cfg)), train_dataloaders=torch.utils.data.DataLoader(_batches(1), batch_size=None)
+        )
+        return seen[0]
+
+    fp32 = run([])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    fp16 = run([MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert scaler.get_scale() >= 2.0**15  # the loss really was scaled (halved at most once, on an overflow)
+    assert fp16 == pytest.approx(fp32, rel=0.05)  # the clip saw unscaled gradients (scaled: ~65536x larger)

@@ -215,9 +215,7 @@ class DetectionModule(L.LightningModule):
         self.manual_backward(loss)
 
         if ni - self._last_opt_step >= accumulate:
-            if self.cfg.train.grad_clip > 0:
-                self.clip_gradients(opt, gradient_clip_val=self.cfg.train.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
+            opt.step()  # clips in on_before_optimizer_step
             opt.zero_grad(set_to_none=True)
             self._last_opt_step = ni
             if self._ema is not None:
@@ -232,6 +230,12 @@ class DetectionModule(L.LightningModule):
         self.log("train/loss", sum(items.values()), on_step=True, on_epoch=True, batch_size=bs, prog_bar=True)
         self.log_dict({f"lr/{g['param_group']}": g["lr"] for g in opt.param_groups}, on_step=True, batch_size=bs)
         return loss.detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this inside opt.step(), after 16-mixed's GradScaler has unscaled the gradients: clipping
+        # before opt.step() would clip the scaled gradients (65536x), i.e. crush every update on fp16 GPUs.
+        if self.cfg.train.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.train.grad_clip, gradient_clip_algorithm="norm")
 
     def on_train_epoch_end(self) -> None:
         # Throughput of this rank's training loop (data wait included, the validation that follows excluded).
