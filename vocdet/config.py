@@ -96,7 +96,7 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_tau: float = 2000.0
     grad_clip: float = 10.0
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported, else fp16)
+    amp: bool = True  # fp16 mixed precision (GradScaler) on CUDA, as Ultralytics; bf16: trainer.precision=bf16-mixed
     val_every: int = 1  # validate every N epochs (and always after the last)
     # NHWC activations and weights; null = on CUDA only (tensor cores). On the CPU (oneDNN) NHWC trains ~20% faster
     # but measurably worse models at the default recipe (README, make bench-fidelity), so it is off there.
