@@ -38,20 +38,20 @@ test-fast: setup
 
 ## vocdet vs Ultralytics' trainer side by side (minutes; not part of `make test`); writes runs/bench/results.json.
 bench: setup
-	$(BIN)/python -m vocdet.bench
+	$(BIN)/python -m vocdet.bench.race
 
 ## Accuracy at vocdet's default recipe vs Ultralytics' trainer: 5 seeds a side on two generated sets, both models scored
 ## by both metrics, mean ± std and the difference with a 95% CI (~35 min a dataset here); ARGS="--ablate" for the ablation.
 bench-fidelity: setup
-	$(BIN)/python -m vocdet.bench_fidelity $(ARGS)
+	$(BIN)/python -m vocdet.bench.fidelity $(ARGS)
 
 ## Milliseconds per training step, part by part (data wait, forward, loss, backward, ...), vocdet vs Ultralytics.
 bench-steps: setup
-	$(BIN)/python -m vocdet.bench_steps
+	$(BIN)/python -m vocdet.bench.steps
 
 ## Inference latency/throughput: Detector (PyTorch, ONNX Runtime) vs Ultralytics' YOLO.predict (needs `make train`).
 bench-predict: setup
-	$(BIN)/python -m vocdet.bench_predict
+	$(BIN)/python -m vocdet.bench.predict
 
 ## Export the `make train` checkpoint to ONNX and serve it on http://127.0.0.1:8000 (Ctrl-C or SIGTERM stops).
 serve: setup
@@ -60,7 +60,7 @@ serve: setup
 
 ## Load test of `vocdet serve` on loopback (batched vs batching off vs a model-per-request baseline).
 loadtest: setup
-	$(BIN)/python -m vocdet.loadtest
+	$(BIN)/python -m vocdet.bench.load
 
 ## The training (CUDA) and serving (CPU, ONNX Runtime) images; needs a Docker engine.
 docker-build:
@@ -69,7 +69,7 @@ docker-build:
 
 ## 10,000 requests at 32 clients: errors and server RSS after 1k vs 10k.
 soak: setup
-	$(BIN)/python -m vocdet.loadtest --soak
+	$(BIN)/python -m vocdet.bench.load --soak
 
 lint: setup
 	$(BIN)/ruff check .

@@ -37,7 +37,7 @@ def sample_root() -> Path:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic flat VOC set (32 images, 128 px) shared by the integration tests."""
-    from vocdet.synth import synthesize_voc
+    from vocdet.data.synth import synthesize_voc
 
     return synthesize_voc(tmp_path_factory.mktemp("synth") / "voc", images=32, seed=0, size=128, val_fraction=0.25)
 
@@ -108,7 +108,7 @@ def checkpoint(detector_run: SimpleNamespace) -> Path:
 @pytest.fixture(scope="session")
 def ultralytics_assets() -> list[Path]:
     """bus.jpg and zidane.jpg, the real photos that ship inside the ultralytics package."""
-    from vocdet.exporter import default_parity_images
+    from vocdet.infer.export import default_parity_images
 
     return default_parity_images()
 
@@ -121,7 +121,7 @@ class ServerProcess:
 
         import httpx
 
-        from vocdet.loadtest import free_port
+        from vocdet.bench.load import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -161,7 +161,7 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def onnx_model(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The ``checkpoint`` fixture exported to ONNX (dynamic batch), as ``vocdet serve --onnx`` takes it."""
-    from vocdet.exporter import export
+    from vocdet.infer.export import export
 
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     return export(checkpoint, overrides=["export.dynamic_batch=true", f"export.output={out}"])

@@ -99,8 +99,8 @@ def test_eval_checkpoint_and_detections_file_agree(trained: Path, tmp_path: Path
     import numpy as np
 
     from tests.test_metrics import VOC_CLASSES, coco_reference, voc_reference
-    from vocdet.data import load_records, resolve_split
-    from vocdet.metrics import GroundTruth, Predictions
+    from vocdet.core.metrics import GroundTruth, Predictions
+    from vocdet.core.voc import load_records, resolve_split
 
     gts = {
         r.id: GroundTruth(r.boxes.astype(float), r.labels, r.difficult)
@@ -129,7 +129,7 @@ def test_eval_detections_on_real_sample_matches_pycocotools(sample_root: Path, t
     from tests.test_metrics import coco_reference, load_sample, voc_reference  # independent pycocotools/devkit
 
     dets_dir = sample_root / "extras" / "dets_abs_xyx2y2_classid_conf"
-    from vocdet.data import VOC_CLASSES
+    from vocdet.core.voc import VOC_CLASSES
 
     rows = []
     for f in sorted(dets_dir.glob("*.txt")):
@@ -164,7 +164,7 @@ def test_ddp_two_cpu_processes(synth_root: Path, tmp_path: Path) -> None:
     val_ids = (synth_root / "ImageSets" / "Main" / "val.txt").read_text().split()
     assert metrics["image_ids"] == sorted(val_ids)
     assert sum(c["num_gt"] + c["num_difficult"] for c in metrics["per_class"].values()) == sum(
-        len(__import__("vocdet.data", fromlist=["x"]).parse_voc_xml(synth_root / "Annotations" / f"{i}.xml").labels)
+        len(__import__("vocdet.core.voc", fromlist=["x"]).parse_voc_xml(synth_root / "Annotations" / f"{i}.xml").labels)
         for i in val_ids
     )
     # The checkpoint evaluated on one process gives the same numbers the two ranks agreed on.

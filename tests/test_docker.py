@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from vocdet.loadtest import free_port
+from vocdet.bench.load import free_port
 
 pytestmark = pytest.mark.slow
 DOCKERFILES = sorted((REPO / "docker").glob("*.Dockerfile"))

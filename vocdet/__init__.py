@@ -35,21 +35,23 @@ from vocdet.config import load_config
 from vocdet.errors import VocdetError
 
 if TYPE_CHECKING:
-    from vocdet.data import VOC_CLASSES
-    from vocdet.detector import Detection, Detector, plot
-    from vocdet.exporter import export
-    from vocdet.synth import synthesize_voc
-    from vocdet.training import evaluate, train
+    from vocdet.core.detections import Detection
+    from vocdet.core.draw import plot
+    from vocdet.core.voc import VOC_CLASSES
+    from vocdet.data.synth import synthesize_voc
+    from vocdet.infer.detector import Detector
+    from vocdet.infer.export import export
+    from vocdet.training.run import evaluate, train
 
 _LAZY = {
-    "VOC_CLASSES": "vocdet.data",
-    "synthesize_voc": "vocdet.synth",
-    "train": "vocdet.training",
-    "evaluate": "vocdet.training",
-    "Detector": "vocdet.detector",
-    "Detection": "vocdet.detector",
-    "plot": "vocdet.detector",
-    "export": "vocdet.exporter",
+    "VOC_CLASSES": "vocdet.core.voc",
+    "Detection": "vocdet.core.detections",
+    "plot": "vocdet.core.draw",
+    "synthesize_voc": "vocdet.data.synth",
+    "train": "vocdet.training.run",
+    "evaluate": "vocdet.training.run",
+    "Detector": "vocdet.infer.detector",
+    "export": "vocdet.infer.export",
 }
 
 

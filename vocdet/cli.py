@@ -57,7 +57,7 @@ def train(
 ) -> None:
     """Train YOLOv8 on VOC, then evaluate the best checkpoint (writes <run.dir>/<run.name>/metrics.json)."""
     from vocdet.config import load_config
-    from vocdet.training import train as run_train
+    from vocdet.training.run import train as run_train
 
     extra = list(overrides or [])
     if gpus is not None:
@@ -119,7 +119,7 @@ def eval_(
     overrides: OverridesArg = None,
 ) -> None:
     """Evaluate a checkpoint (or a detections file) on the validation split: COCO mAP50, mAP50-95, VOC07 mAP50."""
-    from vocdet.training import evaluate
+    from vocdet.training.run import evaluate
 
     evaluate(
         checkpoint,
@@ -150,7 +150,7 @@ def predict(
 ) -> None:
     """Detect objects in images; writes OUT/detections.json (the `vocdet eval --detections` format) and
     annotated images. Thresholds default to the model's predict.* settings."""
-    from vocdet.predict import predict_files
+    from vocdet.infer.predict import predict_files
 
     if (checkpoint is None) == (onnx is None):
         raise VocdetError("give exactly one of --checkpoint or --onnx")
@@ -190,7 +190,7 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX, TorchScript or an Ultralytics .pt, then check it against PyTorch on real
     images (a mismatch is an error and leaves no file)."""
-    from vocdet.exporter import export as run_export
+    from vocdet.infer.export import export as run_export
 
     extra = list(overrides or [])
     for key, value in (
@@ -245,7 +245,7 @@ def data_synth(
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of images in val.txt.")] = 0.2,
 ) -> None:
     """Generate a synthetic VOC-format dataset (JPEG + XML + train/val split files)."""
-    from vocdet.synth import synthesize_voc
+    from vocdet.data.synth import synthesize_voc
 
     synthesize_voc(out, images=images, seed=seed, size=size, val_fraction=val_fraction)
     typer.echo(f"wrote {images} images to {out}")
@@ -260,7 +260,7 @@ def data_download(
 ) -> None:
     """Download VOC2007 trainval+test and VOC2012 trainval (checksummed, resumable) and extract them."""
     from vocdet.config import load_config
-    from vocdet.download import VOC_ARCHIVES, Archive, download_voc
+    from vocdet.data.download import VOC_ARCHIVES, Archive, download_voc
 
     cfg = load_config(config, overrides)
     archives = tuple(Archive(a["path"], a["md5"]) for a in cfg.download.archives) or VOC_ARCHIVES

@@ -308,7 +308,20 @@ def validate(cfg: DictConfig) -> None:
         raise VocdetError(
             f"trainer.profiler must be one of {', '.join(PROFILERS)} or null, got '{cfg.trainer.profiler}'"
         )
-    import lightning  # deferred: keeps `vocdet --help` fast
+    if any(cfg.trainer.get(k, object()) != v for k, v in Config().trainer.items()) or set(cfg.trainer) - set(
+        Config().trainer
+    ):
+        validate_trainer(cfg)
+
+
+def validate_trainer(cfg: DictConfig) -> None:
+    """``trainer.*`` against ``lightning.Trainer``'s signature, when it differs from the built-in section. Only then
+    is Lightning imported (and only where installed), so serving and ONNX inference never load it."""
+    import importlib.util
+
+    if importlib.util.find_spec("lightning") is None:
+        return
+    import lightning  # deferred: keeps `vocdet --help` and serving fast
     import torch
 
     if cfg.trainer.get("sync_batchnorm") and (cfg.trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()):
@@ -328,6 +341,17 @@ def validate(cfg: DictConfig) -> None:
             raise VocdetError(f"unknown config key 'trainer.{key}': not a lightning.Trainer argument{hint}")
 
 
+# The sections a trained model carries (its checkpoint, the run's config.yaml, the W&B run config): never
+# ``serve`` (the admin token), ``logging`` or ``download`` (settings of the machine, not of the model).
+RUN_SECTIONS = ("run", "data", "model", "train", "trainer", "eval", "predict", "export")
+
+
+def run_sections(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The ``RUN_SECTIONS`` of ``cfg`` as plain, resolved containers."""
+    data = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    return {k: data[k] for k in RUN_SECTIONS if k in data}
+
+
 def to_dict(cfg: DictConfig | ListConfig) -> dict[str, Any]:
     """Plain, resolved containers (for checkpoints, loggers and JSON)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
@@ -341,5 +365,6 @@ def from_dict(data: dict[str, Any]) -> DictConfig:
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:
+    """A run's ``config.yaml``: its ``RUN_SECTIONS`` (``vocdet train --config`` of it repeats the run)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, path, resolve=True)
+    OmegaConf.save(OmegaConf.create(run_sections(cfg)), path)

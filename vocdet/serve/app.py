@@ -32,8 +32,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 
-from vocdet.detector import Detection, Detector, ImageError, decode_image, plot
+from vocdet.core.detections import Detection
+from vocdet.core.draw import plot
+from vocdet.core.images import ImageError, decode_image
 from vocdet.errors import VocdetError
+from vocdet.infer.detector import Detector
 from vocdet.serve.engine import Job, MicroBatcher, ModelSlot, Overloaded, Result
 
 log = logging.getLogger("vocdet.serve")

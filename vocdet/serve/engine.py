@@ -1,4 +1,4 @@
-"""The serving engine: one loaded :class:`~vocdet.detector.Detector` per model name, each with a micro-batcher.
+"""The serving engine: one loaded :class:`~vocdet.infer.detector.Detector` per model name, each with a micro-batcher.
 
 Requests are admitted up to ``max_queue`` per model (more get 503), decoded and letterboxed on a thread pool,
 then queued for the model's inference thread, which takes up to ``max_batch_size`` of them at once. The first
@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from vocdet.detector import Detection, Detector, Letterboxed
+from vocdet.core.detections import Detection
+from vocdet.infer.detector import Detector, Letterboxed
 
 log = logging.getLogger("vocdet.serve")
 

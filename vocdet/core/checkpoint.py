@@ -1,0 +1,76 @@
+"""The vocdet checkpoint format, in one place: what training writes next to the weights, and the one reader that
+eval, predict, export, serve and the benchmarks use.
+
+A checkpoint is Lightning's ``.ckpt`` dict plus ``ckpt["vocdet"]``::
+
+    {"format": 1, "version": <vocdet>, "ultralytics": <version>, "config": {run, data, model, train, trainer,
+     eval, predict, export}, "class_names": [...], "imgsz": int, "wandb_id": str (when tracked)}
+
+Checkpoints written before the ``format`` key existed are format 1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vocdet.errors import VocdetError
+
+FORMAT_VERSION = 1
+
+
+def checkpoint_meta(config: dict[str, Any], class_names: list[str], imgsz: int) -> dict[str, Any]:
+    """The ``ckpt["vocdet"]`` dict for a run with ``config`` (only its model sections are kept)."""
+    import ultralytics
+
+    from vocdet import __version__
+    from vocdet.config import run_sections
+
+    return {
+        "format": FORMAT_VERSION,
+        "version": __version__,
+        "ultralytics": ultralytics.__version__,
+        "config": run_sections(config),
+        "class_names": list(class_names),
+        "imgsz": int(imgsz),
+    }
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a vocdet checkpoint on the CPU; a missing, corrupt, foreign or newer-format file is a one-line
+    ``VocdetError``."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise VocdetError(f"checkpoint not found: {path}")
+    try:
+        # weights_only: a checkpoint never gets to run code while it is being read.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise VocdetError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(ckpt, dict) or "vocdet" not in ckpt or "state_dict" not in ckpt:
+        raise VocdetError(f"{path} is not a vocdet checkpoint (train one with `vocdet train`)")
+    fmt = ckpt["vocdet"].get("format", 1)
+    if fmt != FORMAT_VERSION:
+        raise VocdetError(
+            f"{path} is in checkpoint format {fmt}, this vocdet reads format {FORMAT_VERSION}; "
+            f"use the vocdet version that wrote it ({ckpt['vocdet'].get('version', 'unknown')})"
+        )
+    return ckpt
+
+
+def network_from_checkpoint(ckpt: dict[str, Any]) -> Any:
+    """The inference network (EMA weights when the run kept an EMA) of a loaded checkpoint, on the CPU."""
+    from vocdet.core.yolo import build_model
+
+    variant = ckpt["vocdet"]["config"]["model"]["variant"]
+    net = build_model(variant, len(ckpt["vocdet"]["class_names"]))
+    sd = ckpt["state_dict"]
+    prefix = "ema_model." if any(k.startswith("ema_model.") for k in sd) else "model."
+    weights = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as e:
+        raise VocdetError(f"checkpoint weights do not fit yolov8{variant}: {str(e).splitlines()[0]}") from None
+    return net.eval()

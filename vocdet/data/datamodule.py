@@ -1,0 +1,97 @@
+"""The VOC ``LightningDataModule``: splits, datasets and loaders for training and validation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from vocdet.core.voc import load_records, resolve_split
+from vocdet.data.dataset import VOCDataset, _worker_init, collate
+from vocdet.errors import VocdetError
+
+
+class VOCDataModule(L.LightningDataModule):
+    """VOC07+12 trainval -> VOC07 test by default; ``data.*`` config keys (see ``vocdet.config.DataConfig``)."""
+
+    def __init__(self, data_cfg: Any):
+        super().__init__()
+        self.cfg = data_cfg
+        self.train_set: VOCDataset | None = None
+        self.val_set: VOCDataset | None = None
+
+    def prepare_data(self) -> None:
+        root = Path(self.cfg.root)
+        if self.cfg.synthesize and not root.exists():
+            import shutil
+
+            from vocdet.data.synth import synthesize_voc
+
+            s = self.cfg.synth
+            tmp = root.with_name(root.name + ".partial")  # an interrupted run never leaves a root that looks done
+            shutil.rmtree(tmp, ignore_errors=True)
+            synthesize_voc(tmp, images=s.images, seed=s.seed, size=s.size, val_fraction=s.val_fraction)
+            tmp.rename(root)
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None) and self.train_set is None:
+            recs = load_records(resolve_split(self.cfg.root, self.cfg.train_sets, "train"), "train")
+            if not recs:
+                raise VocdetError(f"no usable training images under {self.cfg.root}")
+            self.train_set = VOCDataset(
+                recs,
+                self.cfg.imgsz,
+                augment=True,
+                hyp=self.cfg,
+                cache=self.cfg.cache,
+                buffer_size=min(8 * self.per_device_batch(), 1000),  # Ultralytics' max_buffer_length
+            )
+        if self.val_set is None:
+            recs = load_records(resolve_split(self.cfg.root, self.cfg.val_sets, "val"), "val")
+            if not recs:
+                raise VocdetError(f"no usable validation images under {self.cfg.root}")
+            self.val_set = VOCDataset(recs, self.cfg.imgsz, augment=False)
+
+    def per_device_batch(self) -> int:
+        world = self._world_size()
+        if self.cfg.batch_size % world:
+            raise VocdetError(
+                f"data.batch_size={self.cfg.batch_size} is the global batch and must divide by the {world} devices"
+            )
+        return self.cfg.batch_size // world
+
+    def _loader(self, dataset: VOCDataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            collate_fn=collate,
+            # Persistent workers: training buffers stay warm, and validation workers are forked once, at the
+            # sanity-check step before training, while the parent's heap is small. Forked later (after training
+            # steps have grown the heap) each holds stale copies of pages the parent rewrites: measured 3.1 GB
+            # vs 2.4 GB process-tree PSS at imgsz 320.
+            persistent_workers=workers > 0,
+            drop_last=drop_last,
+            worker_init_fn=_worker_init,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None
+        bs = self.per_device_batch()
+        # A final batch of one image gives BatchNorm a single value per channel (an error): drop just that one.
+        per_rank = math.ceil(len(self.train_set) / self._world_size())
+        return self._loader(self.train_set, bs, shuffle=True, drop_last=bs > 1 and per_rank % bs == 1)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None
+        return self._loader(self.val_set, self.per_device_batch() * 2, shuffle=False)

@@ -1,0 +1,246 @@
+"""``train(cfg)`` and ``evaluate(...)``: plain functions the CLI, notebooks and tests call (both through
+``vocdet.training.trainer.build_trainer``), and the reports they write."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from vocdet.config import Config, load_config, save_config, to_dict
+from vocdet.core.checkpoint import load_checkpoint
+from vocdet.core.detections import read_detections, write_detections
+from vocdet.core.files import write_json
+from vocdet.core.metrics import HEADLINE, GroundTruth, Predictions, evaluate_detections, format_table
+from vocdet.core.voc import VOC_CLASSES, load_records, require_root, resolve_split
+from vocdet.core.yolo import load_pretrained
+from vocdet.data.datamodule import VOCDataModule
+from vocdet.errors import TrainingStopped, VocdetError
+from vocdet.training.module import DetectionModule, NonFiniteLoss
+from vocdet.training.trainer import _sigterm_without_collectives, build_trainer, last_checkpoint, run_dir
+
+log = logging.getLogger("vocdet")
+
+_RUN_NAME_ENV = "VOCDET_RUN_NAME"
+
+
+def _holds_run(path: Path) -> bool:
+    return (path / "metrics.json").exists() or any((path / "checkpoints").glob("*.ckpt"))
+
+
+def resolve_run(cfg: DictConfig) -> DictConfig:
+    """Never mix two runs in one directory: a taken ``run.name`` becomes ``<name>-2``, ``<name>-3``, ...
+
+    The launcher decides and exports the name, so DDP processes that Lightning starts by re-running the command
+    line write into the same directory instead of each picking the next free one.
+    """
+    name = os.environ.get(_RUN_NAME_ENV)
+    if name is None:
+        name = cfg.run.name
+        if not cfg.run.exist_ok and not cfg.train.resume and _holds_run(run_dir(cfg)):
+            n = 2
+            while _holds_run(Path(cfg.run.dir) / f"{cfg.run.name}-{n}"):
+                n += 1
+            name = f"{cfg.run.name}-{n}"
+            log.warning("%s already holds a run: writing to %s", run_dir(cfg), Path(cfg.run.dir) / name)
+    if name == cfg.run.name:
+        return cfg
+    return load_config(None, [f"run.name={name}"], base=to_dict(cfg))
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train, then evaluate the best checkpoint; writes ``<run>/metrics.json`` and returns the best checkpoint."""
+    if not cfg.data.synthesize:
+        require_root(cfg.data.root)  # fail before any logger starts
+    cfg = resolve_run(cfg)
+    launcher = _RUN_NAME_ENV not in os.environ
+    os.environ[_RUN_NAME_ENV] = cfg.run.name
+    try:
+        return _train(cfg)
+    finally:
+        if launcher:  # a notebook's next train() call picks its own directory again
+            os.environ.pop(_RUN_NAME_ENV, None)
+
+
+def _resume_point(cfg: DictConfig) -> tuple[Path | None, str | None]:
+    """``(last.ckpt, W&B run id)`` to continue from with ``train.resume``; a missing, corrupt or mismatched
+    checkpoint is a one-line error before anything starts."""
+    if not cfg.train.resume:
+        return None, None
+    last = last_checkpoint(run_dir(cfg))
+    if not last.exists():
+        raise VocdetError(
+            f"nothing to resume: {last} does not exist (set run.name/run.dir to the run to continue, "
+            "or train without --resume)"
+        )
+    ckpt = load_checkpoint(last)
+    saved = ckpt["vocdet"]["config"]
+    if saved["model"]["variant"] != cfg.model.variant:
+        raise VocdetError(
+            f"{last} holds a yolov8{saved['model']['variant']}, the config asks for yolov8{cfg.model.variant}: "
+            "resume with the run's own config (its config.yaml)"
+        )
+    return last, ckpt["vocdet"].get("wandb_id")
+
+
+def _train(cfg: DictConfig) -> Path:
+    out = run_dir(cfg)
+    resume_from, wandb_id = _resume_point(cfg)
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    if rank_zero_only.rank == 0:
+        save_config(cfg, out / "config.yaml")
+    datamodule = VOCDataModule(cfg.data)
+    module = DetectionModule(to_dict(cfg))
+    if cfg.model.weights:
+        matched, total = load_pretrained(module.model, cfg.model.weights)
+        if module.ema_model is not None:
+            module.ema_model.load_state_dict(module.model.state_dict())
+        log.info("transferred %d/%d tensors from %s", matched, total, cfg.model.weights)
+    trainer = build_trainer(cfg, out, wandb_id=wandb_id)
+    _sigterm_without_collectives(trainer)
+    if resume_from is not None and rank_zero_only.rank == 0:
+        log.info("resuming from %s", resume_from)
+    last = last_checkpoint(out)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+    except NonFiniteLoss as e:
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
+        raise NonFiniteLoss(f"{e}; {kept} (lower train.lr0 or check the data, then --resume)") from None
+    except BaseException:
+        if not trainer.received_sigterm:
+            raise
+        raise TrainingStopped(
+            f"SIGTERM at epoch {trainer.current_epoch}, global step {trainer.global_step}; checkpoint saved to "
+            f"{last}; continue with the same command plus --resume"
+        ) from None
+    ckpt_cb = trainer.checkpoint_callback
+    best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else last
+    _validate(trainer, module, datamodule, best, out)
+    result = _module_report(module, datamodule, cfg, best, output=out / "metrics.json", plots=out / "plots")
+    from vocdet.training.tracking import finish_run
+
+    finish_run(trainer, cfg, best, result)
+    return best
+
+
+def _validate(trainer: L.Trainer, module: DetectionModule, datamodule: VOCDataModule, ckpt: Path, out: Path) -> None:
+    """Score ``ckpt`` with ``trainer``. Under ddp_notebook/ddp_spawn the ranks are child processes, so rank 0
+    hands its full result (metrics, detections, ground truth) back through a file; the notebook process never
+    touches CUDA itself."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
+        return
+    handoff = out / "checkpoints" / ".validation.pkl"
+    module.handoff = handoff
+    try:
+        trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
+        with handoff.open("rb") as f:
+            module.last_metrics, module.last_predictions, module.last_ground_truth = pickle.load(f)
+    finally:
+        module.handoff = None
+        handoff.unlink(missing_ok=True)
+    if datamodule.val_set is None:  # set up in the children only
+        datamodule.setup("validate")
+
+
+def evaluate(
+    checkpoint: str | Path | None = None,
+    *,
+    config_files: list[str | Path] | None = None,
+    overrides: list[str] | None = None,
+    detections: str | Path | None = None,
+    output: str | Path | None = None,
+    predictions: str | Path | None = None,
+    plots: str | Path | None = None,
+    summary: str | Path | None = None,
+) -> dict[str, Any]:
+    """Score a checkpoint on the validation split (``data.val_sets``), or score a detections JSON file.
+
+    With a checkpoint the config stored in it is the base and ``config_files``/``overrides`` apply on top
+    (e.g. ``data.root=...``). Returns the metrics dict (also written to ``output`` when given); ``plots`` is a
+    folder for the reports of ``vocdet.training.plots`` (PR curves, confusion matrix, per-class AP, prediction grid);
+    ``summary`` a JSON file of just the headline numbers (what ``dvc metrics show`` tabulates).
+    """
+    if (checkpoint is None) == (detections is None):
+        raise VocdetError("give exactly one of --checkpoint or --detections")
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        base = dict(ckpt["vocdet"]["config"])
+        # How the model was trained (devices, DDP, max_epochs, ...) is not how to evaluate it: one device unless
+        # the overrides say otherwise.
+        base["trainer"] = Config().trainer
+        cfg = load_config(config_files, overrides, base=base)
+        module = DetectionModule(to_dict(cfg))
+        module.load_state_dict(ckpt["state_dict"])
+        trainer = build_trainer(cfg, None, evaluating=True)
+        datamodule = VOCDataModule(cfg.data)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        return _module_report(
+            module,
+            datamodule,
+            cfg,
+            Path(checkpoint),
+            output=output,
+            predictions=predictions,
+            plots=plots,
+            summary=summary,
+        )
+    cfg = load_config(config_files, overrides)
+    records = load_records(resolve_split(cfg.data.root, cfg.data.val_sets, "val"), "val")
+    gts = {r.id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}
+    preds = read_detections(detections, set(gts))  # type: ignore[arg-type]
+    result = evaluate_detections(gts, preds, list(VOC_CLASSES), curves=True)
+    result["image_ids"] = sorted(gts)
+    images = {r.id: r.image for r in records}
+    return _report(result, gts, preds, images, list(VOC_CLASSES), cfg, output=output, plots=plots, summary=summary)
+
+
+def _module_report(
+    module: DetectionModule, datamodule: VOCDataModule, cfg: DictConfig, ckpt: Path, **outputs: Any
+) -> dict[str, Any]:
+    """``_report`` of the module's last validation."""
+    images = {r.id: r.image for r in datamodule.val_set.records} if datamodule.val_set is not None else {}
+    result = dict(module.last_metrics or {})
+    result["checkpoint"] = str(ckpt)
+    gts, preds = module.last_ground_truth, module.last_predictions
+    return _report(result, gts, preds, images, module.class_names, cfg, **outputs)
+
+
+@rank_zero_only
+def _report(
+    result: dict[str, Any],
+    gts: dict[str, GroundTruth],
+    preds: dict[str, Predictions],
+    images: dict[str, str],
+    class_names: list[str],
+    cfg: DictConfig,
+    *,
+    output: str | Path | None = None,
+    predictions: str | Path | None = None,
+    plots: str | Path | None = None,
+    summary: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write the metrics JSON, the detections JSON and the plots that were asked for; print the table."""
+    if plots and cfg.logging.plots and "pr_curve" in result:
+        from vocdet.training.plots import write_plots
+
+        write_plots(result, gts, preds, images, class_names, plots)
+    result.pop("pr_curve", None)  # in plots/pr_curve.csv; the metrics JSON stays a summary
+    result["data_root"] = str(cfg.data.root)
+    write_json(output, result)
+    write_json(summary, {k: result[k] for k in (*HEADLINE, "num_images")})
+    if predictions:
+        write_detections(predictions, preds, class_names)
+    print(format_table(result))
+    return result
+
+
+__all__ = ["evaluate", "resolve_run", "train"]
