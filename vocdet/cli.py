@@ -236,6 +236,30 @@ def serve(
     run_serve(cfg, models)
 
 
+@app.command("config")
+def config_(
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+    defaults: Annotated[
+        bool,
+        typer.Option("--defaults", help="Print the built-in defaults with every key's help (configs/default.yaml)."),
+    ] = False,
+) -> None:
+    """Print the config tree a command would get (defaults < --config files < overrides) as commented YAML;
+    --defaults prints the schema's defaults, from which configs/default.yaml is generated."""
+    from vocdet.config import defaults_yaml, load_config, to_dict, to_yaml
+
+    if defaults:
+        if config or overrides:
+            raise VocdetError("--defaults prints the built-in defaults; drop --config and the KEY=VALUE overrides")
+        typer.echo(defaults_yaml(), nl=False)
+        return
+    tree = to_dict(load_config(config, overrides))
+    if tree["serve"].get("admin_token"):  # a printed config ends up in logs and bug reports
+        tree["serve"]["admin_token"] = "<set, not shown>"
+    typer.echo(to_yaml(tree), nl=False)
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option(help="Output folder (flat VOC layout).")],

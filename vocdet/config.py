@@ -1,20 +1,22 @@
 """The one config tree every subcommand reads.
 
-The dataclasses below are the schema and hold every default; they *are* the reference VOC run, which
-``configs/default.yaml`` spells out (a test keeps the two equal). ``load_config`` merges, in order: the schema
-(or a checkpoint's saved config), each ``--config`` file, then dotted overrides (``data.imgsz=320``). Unknown
-keys, wrong types and missing files become a :class:`~vocdet.errors.VocdetError` naming the key and the closest
-valid ones.
+The dataclasses below are the schema: every default and its one-line help live here, once. ``configs/default.yaml``
+is generated from them (``vocdet config --defaults``, :func:`defaults_yaml`; a test keeps the file current).
+``load_config`` merges, in order: the schema (or a checkpoint's saved config), each ``--config`` file, then dotted
+overrides (``data.imgsz=320``). Unknown keys, wrong types and missing files become a
+:class:`~vocdet.errors.VocdetError` naming the key and the closest valid ones.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import dataclass, field
+import textwrap
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -23,160 +25,242 @@ from vocdet.errors import VocdetError
 VARIANTS = ("n", "s", "m", "l", "x")
 EXPORT_FORMATS = ("onnx", "torchscript", "ultralytics")
 PROFILERS = ("simple", "advanced", "pytorch")
+# train.precision: auto (vocdet decides, see TrainConfig.amp) or one of Lightning's precision names, passed as is.
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+
+
+def opt(default: Any, help: str) -> Any:
+    """A schema field with an immutable default and its one-line ``help`` (the key's comment in
+    ``configs/default.yaml``). Lists, dicts and nested sections use ``field(default_factory=..., metadata=...)``."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class RunConfig:
-    name: str = "voc"  # outputs go to <dir>/<name>; a name already holding a run becomes <name>-2, <name>-3, ...
-    dir: str = "runs"
-    seed: int = 0
-    exist_ok: bool = False  # true: write into <dir>/<name> even if a run is there (its checkpoints are replaced)
+    """Where a run writes: <dir>/<name>/ holds checkpoints/{best,last}.ckpt, config.yaml, metrics.json, csv/, plots/."""
+
+    name: str = opt("voc", "outputs go to <dir>/<name>; a name already holding a run becomes <name>-2, <name>-3, ...")
+    dir: str = opt("runs", "parent folder of all runs")
+    seed: int = opt(0, "seeds Python, NumPy and torch, also in the dataloader workers (Lightning's seed_everything)")
+    exist_ok: bool = opt(False, "true: write into <dir>/<name> even if a run is there (its checkpoints are replaced)")
 
 
 @dataclass
 class SynthConfig:
     """Synthetic VOC-format data generated when ``data.root`` does not exist yet (``data.synthesize``)."""
 
-    images: int = 600
-    val_fraction: float = 0.2
-    seed: int = 0
-    size: int = 256  # longest image side in pixels
+    images: int = opt(600, "number of images generated")
+    val_fraction: float = opt(0.2, "share of the images in the val split (val.txt)")
+    seed: int = opt(0, "random seed: same seed, same files")
+    size: int = opt(256, "longest image side in pixels")
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/VOCdevkit"
-    # VOCdevkit roots: "<year>/<imageset>" entries; flat roots use "train"/"val" split files.
-    train_sets: list[str] = field(default_factory=lambda: ["2007/trainval", "2012/trainval"])
-    val_sets: list[str] = field(default_factory=lambda: ["2007/test"])
-    imgsz: int = 640
-    batch_size: int = 64  # global: split across devices
-    num_workers: int = 8
-    pin_memory: bool = True
-    cache: bool = False  # keep decoded, resized images in RAM (decoded once, shared by the workers)
-    synthesize: bool = False  # generate a synthetic VOC set at root if it is missing
-    synth: SynthConfig = field(default_factory=SynthConfig)
-    # Ultralytics' augmentation recipe (default.yaml of ultralytics 8.4)
-    mosaic: float = 1.0
-    close_mosaic: int = 10  # epochs at the end without mosaic
-    degrees: float = 0.0
-    translate: float = 0.1
-    scale: float = 0.5
-    shear: float = 0.0
-    perspective: float = 0.0
-    fliplr: float = 0.5
-    flipud: float = 0.0
-    hsv_h: float = 0.015
-    hsv_s: float = 0.7
-    hsv_v: float = 0.4
+    """The dataset (a VOCdevkit or a flat VOC folder), the loaders, and Ultralytics' augmentation recipe
+    (default.yaml of ultralytics 8.4)."""
+
+    root: str = opt(
+        "data/VOCdevkit", "a VOCdevkit (VOC2007/, VOC2012/) or a flat VOC folder (Annotations/, JPEGImages/)"
+    )
+    train_sets: list[str] = field(
+        default_factory=lambda: ["2007/trainval", "2012/trainval"],
+        metadata={"help": "VOCdevkit: <year>/<ImageSets/Main file>; flat roots use train.txt"},
+    )
+    val_sets: list[str] = field(
+        default_factory=lambda: ["2007/test"],
+        metadata={"help": "as train_sets, for validation and `vocdet eval`; flat roots use val.txt"},
+    )
+    imgsz: int = opt(640, "square training/validation size in pixels, a multiple of 32 (the network stride)")
+    batch_size: int = opt(64, "global batch, split across devices")
+    num_workers: int = opt(8, "dataloader workers per device")
+    pin_memory: bool = opt(True, "page-locked batches for faster copies to the GPU (CUDA only)")
+    cache: bool = opt(False, "keep decoded, resized images in RAM (decoded once, shared by the workers)")
+    synthesize: bool = opt(False, "generate a synthetic VOC set at data.root when it does not exist (quickstart)")
+    synth: SynthConfig = field(
+        default_factory=SynthConfig, metadata={"help": "the synthetic set data.synthesize generates"}
+    )
+    mosaic: float = opt(1.0, "probability of a 4-image mosaic")
+    close_mosaic: int = opt(10, "last N epochs without mosaic")
+    degrees: float = opt(0.0, "random rotation (+/- degrees)")
+    translate: float = opt(0.1, "random translation (+/- fraction of the image size)")
+    scale: float = opt(0.5, "random scale (+/- gain)")
+    shear: float = opt(0.0, "random shear (+/- degrees)")
+    perspective: float = opt(0.0, "random perspective (+/- fraction, 0-0.001)")
+    fliplr: float = opt(0.5, "probability of a left-right flip")
+    flipud: float = opt(0.0, "probability of an up-down flip")
+    hsv_h: float = opt(0.015, "HSV hue jitter (fraction)")
+    hsv_s: float = opt(0.7, "HSV saturation jitter (fraction)")
+    hsv_v: float = opt(0.4, "HSV value (brightness) jitter (fraction)")
 
 
 @dataclass
 class ModelConfig:
-    variant: str = "n"  # yolov8{n,s,m,l,x}
-    weights: str | None = None  # optional Ultralytics .pt to start from (shape-matched transfer)
+    """The network: a YOLOv8 variant with a 20-class head, optionally started from Ultralytics weights."""
+
+    variant: str = opt("n", "yolov8{n,s,m,l,x}")
+    weights: str | None = opt(None, "optional Ultralytics .pt to start from (shape-matched transfer, 20-class head)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    lr0: float = 0.01
-    lrf: float = 0.01  # final lr = lr0 * lrf, linear decay
-    momentum: float = 0.937
-    nesterov: bool = True
-    weight_decay: float = 0.0005
-    nbs: int = 64  # nominal batch: gradients are accumulated up to it, weight decay scaled by it
-    warmup_epochs: float = 3.0
-    warmup_bias_lr: float = 0.1
-    warmup_momentum: float = 0.8
-    box: float = 7.5
-    cls: float = 0.5
-    dfl: float = 1.5
-    ema: bool = True
-    ema_decay: float = 0.9999
-    ema_tau: float = 2000.0
-    grad_clip: float = 10.0
-    amp: bool = True  # fp16 mixed precision (GradScaler) on CUDA, as Ultralytics; bf16: trainer.precision=bf16-mixed
-    val_every: int = 1  # validate every N epochs (and always after the last)
-    # NHWC activations and weights; null = on CUDA only (tensor cores). On the CPU (oneDNN) NHWC trains ~20% faster
-    # but measurably worse models at the default recipe (README, make bench-fidelity), so it is off there.
-    channels_last: bool | None = None
-    resume: bool = False  # continue <run.dir>/<run.name>/checkpoints/last.ckpt (weights, EMA, optimizer, epoch, step)
+    """Ultralytics' training recipe made explicit: optimiser, schedule, warmup, loss gains, EMA, precision."""
+
+    epochs: int = opt(100, "training epochs (Lightning's max_epochs)")
+    lr0: float = opt(0.01, "initial lr; SGD, groups: weights (decay), norm weights and biases (no decay)")
+    lrf: float = opt(0.01, "final lr = lr0 * lrf, linear decay")
+    momentum: float = opt(0.937, "SGD momentum")
+    nesterov: bool = opt(True, "Nesterov momentum")
+    weight_decay: float = opt(0.0005, "on weights only; scaled by batch_size * accumulate / nbs")
+    nbs: int = opt(64, "nominal batch: gradients are accumulated up to it, weight decay scaled by it")
+    warmup_epochs: float = opt(3.0, "warmup: bias lr warmup_bias_lr -> lr0, momentum warmup_momentum -> momentum")
+    warmup_bias_lr: float = opt(0.1, "bias lr at the start of warmup")
+    warmup_momentum: float = opt(0.8, "momentum at the start of warmup")
+    box: float = opt(7.5, "box (CIoU) loss gain, as v8DetectionLoss")
+    cls: float = opt(0.5, "classification (BCE) loss gain")
+    dfl: float = opt(1.5, "distribution focal loss gain")
+    ema: bool = opt(True, "validate and save an EMA of the weights")
+    ema_decay: float = opt(0.9999, "EMA decay, ramped up as decay * (1 - exp(-updates / ema_tau))")
+    ema_tau: float = opt(2000.0, "EMA ramp-up, in optimizer updates")
+    grad_clip: float = opt(10.0, "max gradient norm (clipped after fp16 gradients are unscaled)")
+    amp: bool = opt(True, "with precision auto: 16-mixed (fp16 + GradScaler, as Ultralytics) on CUDA, else 32-true")
+    precision: str = opt("auto", "auto (see amp) or a Lightning precision as is: 32-true, 16-mixed, bf16-mixed, ...")
+    val_every: int = opt(1, "validate every N epochs (and always after the last)")
+    # On the CPU (oneDNN) NHWC trains faster but gave measurably worse models at the default recipe (README,
+    # make bench-fidelity), so null means CUDA only.
+    channels_last: bool | None = opt(
+        None, "NHWC activations and weights; null = on CUDA only (on the CPU: ~20% faster, worse models)"
+    )
+    resume: bool = opt(False, "continue <run>/checkpoints/last.ckpt: weights, EMA, optimizer, epoch, step (--resume)")
+
+
+# trainer.*: keyword arguments of lightning.Trainer. The built-in keys and their help:
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "auto",
+    "devices": 1,
+    "num_nodes": 1,
+    "strategy": "auto",
+    "sync_batchnorm": False,
+    "profiler": None,
+}
+TRAINER_HELP: dict[str, str] = {
+    "accelerator": "auto|cpu|gpu|cuda|mps",
+    "devices": "devices per node (DDP when > 1)",
+    "num_nodes": "number of nodes (multi-node DDP)",
+    "strategy": "auto|ddp (CLI/torchrun/SLURM)|ddp_notebook (Jupyter, CPU or CUDA)",
+    "sync_batchnorm": "BatchNorm statistics over all ranks (DDP, CUDA only)",
+    "profiler": "null|simple|advanced|pytorch: report (and a Chrome trace for pytorch) in <run>/profile",
+}
+# Trainer arguments vocdet derives from its own keys: refused under trainer.* (one key, one place).
+TRAINER_DERIVED: dict[str, str] = {
+    "max_epochs": "train.epochs",
+    "check_val_every_n_epoch": "train.val_every",
+    "log_every_n_steps": "logging.log_every_n_steps",
+    "precision": "train.precision",
+}
+TRAINER_SECTION_HELP = (
+    "Keyword arguments of lightning.Trainer (checked against its signature; other arguments may be added). "
+    "Refused here, vocdet derives them: " + ", ".join(f"{k} (from {v})" for k, v in TRAINER_DERIVED.items()) + "."
+)
 
 
 @dataclass
 class EvalConfig:
-    conf: float = 0.001
-    iou: float = 0.7
-    max_det: int = 300
-    multi_label: bool = True  # as Ultralytics' validator: one box may score for several classes
+    """Validation during training and `vocdet eval`: the low score threshold mAP needs, as Ultralytics' validator."""
+
+    conf: float = opt(0.001, "score threshold (low: mAP integrates over all scores)")
+    iou: float = opt(0.7, "NMS IoU threshold")
+    max_det: int = opt(300, "detections kept per image")
+    multi_label: bool = opt(True, "as Ultralytics' validator: one box may score for several classes")
 
 
 @dataclass
 class PredictConfig:
-    # Ultralytics' predictor defaults; eval.* holds the low threshold that mAP needs.
-    conf: float = 0.25
-    iou: float = 0.7
-    max_det: int = 300
-    batch_size: int = 8
-    device: str = "cpu"  # cpu|cuda|cuda:N|mps
-    half: bool = False  # fp16 inference (CUDA only)
+    """`Detector`, `vocdet predict` and `vocdet serve`: Ultralytics' predictor defaults."""
+
+    conf: float = opt(0.25, "score threshold")
+    iou: float = opt(0.7, "NMS IoU threshold")
+    max_det: int = opt(300, "detections kept per image")
+    batch_size: int = opt(8, "images per forward pass")
+    device: str = opt("cpu", "cpu|cuda|cuda:N|mps (checkpoints)")
+    half: bool = opt(False, "fp16 inference (CUDA only)")
 
 
 @dataclass
 class ExportConfig:
-    format: str = "onnx"  # onnx|torchscript|ultralytics
-    output: str | None = None  # default: next to the checkpoint, with the format's suffix
-    dynamic_batch: bool = False  # ONNX: any batch size (else batch 1)
-    rect: bool = True  # ONNX: any height/width, so images keep the minimal (rectangular) letterbox
-    nms: bool = False  # ONNX: NMS inside the graph (thresholds from predict.*), outputs final boxes
-    half: bool = False  # fp16 weights (needs export.device=cuda)
-    opset: int = 17
-    device: str = "cpu"
-    # Images the exported model is checked on against PyTorch; empty = Ultralytics' bus.jpg and zidane.jpg.
-    parity_images: list[str] = field(default_factory=list)
-    parity_conf: float = 0.05  # detections compared down to this score
-    parity_min_match: float = 0.99  # share of boxes that must agree (class, IoU >= 0.99, |d score| <= 0.01)
+    """`vocdet export`: the format, graph options, and the parity check of the export against PyTorch."""
+
+    format: str = opt("onnx", "onnx|torchscript|ultralytics")
+    output: str | None = opt(
+        None, "default: next to the checkpoint, with the format's suffix (best.onnx, best.pt, ...)"
+    )
+    dynamic_batch: bool = opt(False, "ONNX: any batch size (else batch 1)")
+    rect: bool = opt(True, "ONNX: any height/width, so images keep the minimal (rectangular) letterbox")
+    nms: bool = opt(False, "ONNX: NMS inside the graph (thresholds from predict.*), outputs (N, 7) final boxes")
+    half: bool = opt(False, "fp16 weights (needs export.device=cuda)")
+    opset: int = opt(17, "ONNX opset version")
+    device: str = opt("cpu", "where the model is exported and checked: cpu|cuda|cuda:N")
+    parity_images: list[str] = field(
+        default_factory=list,
+        metadata={"help": "images the export is checked on against PyTorch; [] = Ultralytics' bus.jpg and zidane.jpg"},
+    )
+    parity_conf: float = opt(0.05, "detections compared down to this score")
+    parity_min_match: float = opt(0.99, "share of boxes that must agree (same class, IoU >= 0.99, |d score| <= 0.01)")
 
 
 @dataclass
 class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    # Models served by name: [{name: voc, path: runs/quickstart/checkpoints/best.onnx}] (.onnx, .ckpt, .torchscript)
-    models: list[dict[str, str]] = field(default_factory=list)
-    device: str = "cpu"  # for checkpoints
-    max_batch_size: int = 8  # 1 turns micro-batching off
-    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
-    max_queue: int = 64  # requests admitted per model (decoding, queued or running); beyond: 503 + Retry-After
-    decode_threads: int = 2  # threads that decode and letterbox uploads, off the event loop
-    max_upload_mb: float = 20.0  # request bodies above this: 413
-    max_pixels: int = 40_000_000  # images above this many pixels are refused from their header (413)
-    max_batch_images: int = 32  # images per POST /predict/batch
-    request_timeout_s: float = 30.0  # a request waiting longer for inference gets 503
-    admin_token: str | None = None  # enables POST /models (Bearer); prefer the VOCDET_ADMIN_TOKEN env variable
-    admin_max_model_mb: float = 500.0
-    model_dir: str | None = None  # where uploaded models are stored; default: a temporary directory
-    graceful_timeout_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
+    """`vocdet serve`: models by name, micro-batching, queue and upload limits, the admin API, graceful shutdown."""
+
+    host: str = opt("127.0.0.1", "bind address")
+    port: int = opt(8000, "TCP port")
+    models: list[dict[str, str]] = field(
+        default_factory=list,
+        metadata={"help": "[{name: voc, path: best.onnx}] (.onnx, .ckpt, .torchscript); --onnx/--checkpoint add one"},
+    )
+    device: str = opt("cpu", "cpu|cuda|cuda:N, for checkpoints")
+    max_batch_size: int = opt(8, "micro-batch size; 1 turns micro-batching off")
+    max_wait_ms: float = opt(5.0, "how long the first request of a batch waits for others")
+    max_queue: int = opt(64, "requests admitted per model (decoding, queued or running); beyond: 503 + Retry-After")
+    decode_threads: int = opt(2, "threads that decode and letterbox uploads, off the event loop")
+    max_upload_mb: float = opt(20.0, "request bodies above this: 413")
+    max_pixels: int = opt(40_000_000, "images above this many pixels are refused from their header (413)")
+    max_batch_images: int = opt(32, "images per POST /predict/batch")
+    request_timeout_s: float = opt(30.0, "a request waiting longer for inference gets 503")
+    admin_token: str | None = opt(None, "enables POST /models (Bearer); prefer the VOCDET_ADMIN_TOKEN env variable")
+    admin_max_model_mb: float = opt(500.0, "largest model upload POST /models accepts (413 above)")
+    model_dir: str | None = opt(None, "where uploaded models are stored; default: a temporary directory")
+    graceful_timeout_s: float = opt(30.0, "on SIGTERM, in-flight requests get this long to finish; new ones get 503")
 
 
 @dataclass
 class LoggingConfig:
-    wandb: bool = True
-    wandb_project: str = "vocdet"
-    wandb_mode: str = "offline"  # offline|online|disabled; WANDB_MODE in the environment wins
-    csv: bool = True
-    log_every_n_steps: int = 10
-    wandb_images: int = 16  # validation images logged with predicted and true boxes after each validation
-    wandb_artifacts: bool = True  # the best checkpoint (training) and ONNX (`vocdet export`) as W&B model artifacts
-    plots: bool = True  # <run>/plots: PR curves, confusion matrix, per-class AP, a grid of validation predictions
+    """Loggers: W&B (offline unless configured online; the API key comes from `wandb login`, never a config), CSV,
+    and the reports written after validation."""
+
+    wandb: bool = opt(True, "log to Weights & Biases")
+    wandb_project: str = opt("vocdet", "W&B project")
+    wandb_mode: str = opt("offline", "offline|online|disabled; WANDB_MODE in the environment wins")
+    csv: bool = opt(True, "metrics as CSV in <run>/csv")
+    log_every_n_steps: int = opt(10, "training metrics logged every N steps (Lightning's log_every_n_steps)")
+    wandb_images: int = opt(16, "validation images logged with predicted and true boxes after each validation")
+    wandb_artifacts: bool = opt(
+        True, "the best checkpoint (training) and ONNX (`vocdet export`) as W&B model artifacts"
+    )
+    plots: bool = opt(True, "<run>/plots: PR curves, confusion matrix, per-class AP, a grid of validation predictions")
 
 
 @dataclass
 class DownloadConfig:
-    base_url: str = "http://host.robots.ox.ac.uk/pascal/VOC/"
-    # [{path: <relative to base_url>, md5: <hex>}]; empty = the three official VOC archives
-    archives: list[dict[str, str]] = field(default_factory=list)
+    """`vocdet data download`: where the VOC archives come from."""
+
+    base_url: str = opt("http://host.robots.ox.ac.uk/pascal/VOC/", "the archives' paths are relative to this URL")
+    archives: list[dict[str, str]] = field(
+        default_factory=list,
+        metadata={
+            "help": "[{path: voc2007/VOCtrainval_06-Nov-2007.tar, md5: <hex>}]; [] = the three official archives"
+        },
+    )
 
 
 @dataclass
@@ -185,16 +269,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Passed as keyword arguments to lightning.Trainer (validated against its signature).
     trainer: dict[str, Any] = field(
-        default_factory=lambda: {
-            "accelerator": "auto",
-            "devices": 1,
-            "num_nodes": 1,
-            "strategy": "auto",
-            "sync_batchnorm": False,
-            "profiler": None,
-        }
+        default_factory=lambda: dict(TRAINER_DEFAULTS), metadata={"help": TRAINER_SECTION_HELP}
     )
     eval: EvalConfig = field(default_factory=EvalConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
@@ -285,7 +361,9 @@ def load_config(
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks OmegaConf's types cannot express: enums, ranges, and the Trainer's keyword arguments."""
+    """Checks OmegaConf's types cannot express: enums, ranges, and the Trainer's keyword arguments (those vocdet
+    derives from its own keys are refused here; the rest are checked by ``validate_trainer`` only when they differ
+    from the built-in section)."""
     if cfg.model.variant not in VARIANTS:
         raise VocdetError(f"model.variant must be one of {', '.join(VARIANTS)}, got '{cfg.model.variant}'")
     if cfg.data.imgsz < 32 or cfg.data.imgsz % 32:
@@ -304,6 +382,12 @@ def validate(cfg: DictConfig) -> None:
         raise VocdetError("serve.max_batch_size, serve.max_queue and serve.decode_threads must be >= 1")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
         raise VocdetError(f"model.weights file not found: {cfg.model.weights}")
+    if cfg.train.precision not in PRECISIONS:
+        raise VocdetError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{cfg.train.precision}'")
+    for key in cfg.trainer:
+        if key in TRAINER_DERIVED:  # here, not in validate_trainer: no Lightning import needed to refuse them
+            use = TRAINER_DERIVED[key]
+            raise VocdetError(f"trainer.{key} is set by vocdet from {use}; set {use} instead")
     if cfg.trainer.get("profiler") not in (None, *PROFILERS):
         raise VocdetError(
             f"trainer.profiler must be one of {', '.join(PROFILERS)} or null, got '{cfg.trainer.profiler}'"
@@ -368,3 +452,77 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
     """A run's ``config.yaml``: its ``RUN_SECTIONS`` (``vocdet train --config`` of it repeats the run)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(run_sections(cfg)), path)
+
+
+def schema_help() -> dict[str, str]:
+    """Every key of the schema, dotted (sections and ``data.synth`` included), with its one-line help: a section's
+    is its class docstring, a field's its ``opt`` help, ``trainer.*``'s from ``TRAINER_HELP``."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for f in fields(node):
+            value = getattr(node, f.name)
+            help_ = f.metadata.get("help", "")
+            if is_dataclass(value):
+                out[prefix + f.name] = help_ or " ".join(inspect.getdoc(value).split())
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                out[prefix + f.name] = help_
+
+    walk(Config(), "")
+    out.update({f"trainer.{k}": TRAINER_HELP[k] for k in TRAINER_DEFAULTS})
+    return out
+
+
+_COMMENT_COLUMN = 24  # trailing comments start here (or two spaces after a longer line)
+_WIDTH = 120  # a trailing comment that would go past this goes on its own line above the key
+
+
+def _yaml_scalar(value: Any) -> str:
+    """``value`` as one line of YAML (flow style for lists and mappings), read back as the same value."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9, sort_keys=False, allow_unicode=True)
+    return text.strip().removesuffix("\n...").strip()
+
+
+def _render(node: dict[str, Any], prefix: str, depth: int, helps: dict[str, str], lines: list[str]) -> None:
+    indent = "  " * depth
+    for key, value in node.items():
+        help_ = helps.get(prefix + str(key), "")
+        block = isinstance(value, dict) and bool(value)
+        if depth == 0:  # a section: blank line, its help as a comment header
+            if lines:
+                lines.append("")
+            lines += ["# " + line for line in textwrap.wrap(help_, _WIDTH - 2)]
+            help_ = ""
+        text = f"{indent}{key}:" + ("" if block else f" {_yaml_scalar(value)}")
+        if help_:
+            trailing = f"{text.ljust(_COMMENT_COLUMN - 1)} # {help_}" if len(text) < _COMMENT_COLUMN - 1 else ""
+            trailing = trailing or f"{text}  # {help_}"
+            if len(trailing) <= _WIDTH:
+                lines.append(trailing)
+            else:
+                lines += [f"{indent}# {help_}", text]
+        else:
+            lines.append(text)
+        if block:
+            _render(value, f"{prefix}{key}.", depth + 1, helps, lines)
+
+
+def to_yaml(cfg: DictConfig | dict[str, Any]) -> str:
+    """A config tree as YAML with each known key's help as a comment, each section headed by its help."""
+    lines: list[str] = []
+    _render(cfg if isinstance(cfg, dict) else to_dict(cfg), "", 0, schema_help(), lines)
+    return "\n".join(lines) + "\n"
+
+
+DEFAULTS_HEADER = """\
+# vocdet's built-in defaults, the reference VOC run: VOC07+12 trainval -> VOC07 test, yolov8n at 640, 100 epochs.
+# GENERATED from the schema in vocdet/config.py (values and help) by `vocdet config --defaults > configs/default.yaml`:
+# edit the schema, not this file (tests/test_config.py fails when they differ). An overlay only needs the keys it
+# changes (--config); `vocdet config [--config F] [KEY=VALUE ...]` prints the tree a command would get.
+"""
+
+
+def defaults_yaml() -> str:
+    """The full default tree as commented YAML: exactly what ``configs/default.yaml`` holds."""
+    return DEFAULTS_HEADER + "\n" + to_yaml(OmegaConf.to_container(OmegaConf.structured(Config)))

@@ -42,6 +42,7 @@ def test_to_yolo_labels_match_the_voc_boxes(synth_root: Path, tmp_path: Path) ->
                 np.testing.assert_allclose(got[:, 4], (y2 - y1) / r.height, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_ultralytics_side_trains_with_the_race_threads_and_workers(synth_root: Path, tmp_path: Path) -> None:
     """On CPU, Ultralytics' trainer sets workers=0 and cpu_count - 1 torch threads; the race overrides both."""
     import argparse
@@ -53,7 +54,7 @@ def test_ultralytics_side_trains_with_the_race_threads_and_workers(synth_root: P
     out = tmp_path / "u.json"
     env = {**os.environ, **BENCH_ENV, "OMP_NUM_THREADS": "2", "YOLO_CONFIG_DIR": str(tmp_path / "cfg")}
     proc = subprocess.run(
-        [sys.executable, "-m", "vocdet.bench.race", "_ultralytics_train", json.dumps(args), str(out)],
+        [sys.executable, "-m", "vocdet.bench.race", "ultralytics_train", json.dumps(args), str(out)],
         env=env,
         capture_output=True,
         text=True,
@@ -65,6 +66,7 @@ def test_ultralytics_side_trains_with_the_race_threads_and_workers(synth_root: P
     assert res["images"] == [float(len(load_records(resolve_split(synth_root, [], "train"), "train")))]
 
 
+@pytest.mark.slow
 def test_checkpoint_converters_round_trip(synth_root: Path, tmp_path: Path) -> None:
     import argparse
 
@@ -107,6 +109,7 @@ def test_timed_metrics_compute_the_same_numbers() -> None:
     assert m["vocdet_s"] > 0 and m["pycocotools_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_predict_prints_and_writes_its_figures(
     checkpoint: Path, sample_root: Path, tmp_path: Path, capsys
 ) -> None:

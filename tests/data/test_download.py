@@ -508,6 +508,7 @@ def test_archive_without_devkit(voc_mirror: VocMirror, root: Path) -> None:
 # ------------------------------------------------------------------------------------------------ the real CLI
 
 
+@pytest.mark.slow
 def test_cli_download_then_train_reads_the_devkit(voc_mirror: VocMirror, tmp_path: Path) -> None:
     """`vocdet data download` with the mirror and checksums from a config file, then the data module reads it."""
     from tests.conftest import run_cli

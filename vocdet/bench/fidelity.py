@@ -237,7 +237,7 @@ def one_seed(name: str, root: Path, out: Path, s: argparse.Namespace, seed: int)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     data_yaml = to_yolo(root, out / "yolo" / root.name)
-    options = [f"data.mosaic={s.mosaic}", *([f"trainer.precision={s.precision}"] if s.precision else []), *s.vocdet]
+    options = [f"data.mosaic={s.mosaic}", *([f"train.precision={s.precision}"] if s.precision else []), *s.vocdet]
     result: dict[str, Any] = {}
     if "vocdet" in s.sides:
         v = train_vocdet(root, run_dir, s, options)
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-epochs", type=float, default=recipe["warmup_epochs"])
     p.add_argument("--close-mosaic", type=int, default=recipe["close_mosaic"])
     p.add_argument("--mosaic", type=float, default=recipe["mosaic"])
-    p.add_argument("--precision", default=None, help="vocdet's trainer.precision, e.g. bf16-mixed (default: fp32)")
+    p.add_argument("--precision", default=None, help="vocdet's train.precision, e.g. bf16-mixed (default: auto)")
     p.add_argument("--sides", default="vocdet,ultralytics")
     p.add_argument("--vocdet", action="append", default=[], help="extra `vocdet train` override (repeatable)")
     p.add_argument("--ablate", nargs="*", default=None, help=f"one factor at a time: any of {list(ABLATIONS)}")

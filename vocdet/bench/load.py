@@ -54,8 +54,8 @@ import numpy as np
 import psutil
 from fastapi import FastAPI, File, UploadFile
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "voc2012-sample100" / "JPEGImages"
+from vocdet.bench.race import SAMPLE
+
 DEFAULT_CKPT = Path("runs/quickstart/checkpoints/best.ckpt")
 BATCH, WAIT_MS = 8, 5.0
 SOAK_MAX_SECONDS = 1800.0  # time cap of each soak phase
@@ -82,7 +82,7 @@ def start_server(args: Sequence[str], log: Path | None = None, timeout: float = 
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps writing to it
     proc = subprocess.Popen(
         [sys.executable, "-m", *(str(port) if a == PORT else a for a in args)],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
+        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,  # Ctrl-C reaches us; we stop it
     )  # fmt: skip
     if log:
@@ -356,7 +356,7 @@ def settings(onnx: Path, images: list[tuple[str, bytes]], s: argparse.Namespace)
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vocdet.bench.load", description=__doc__.split("\n")[0])
     p.add_argument("--onnx", help="model to serve (default: export runs/quickstart's best.ckpt)")
-    p.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="directory of JPEGs to send")
+    p.add_argument("--images", type=Path, default=SAMPLE / "JPEGImages", help="directory of JPEGs to send")
     p.add_argument("--levels", help="concurrency levels, comma-separated (default 1,4,16,32)")
     p.add_argument("--requests", type=int, help="measured requests per level (default 200)")
     p.add_argument("--max-seconds", type=float, help="time cap per level (default 60)")

@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from vocdet.bench.race import SAMPLE
 from vocdet.core.images import find_images
 from vocdet.infer.detector import Detector
 
 DEFAULT_CKPT = Path("runs/quickstart/checkpoints/best.ckpt")
-SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "voc2012-sample100" / "JPEGImages"
 
 
 def latency(runners: dict[str, Callable[[Path], Any]], images: list[Path], n: int, warmup: int = 5) -> dict[str, Any]:
@@ -65,7 +65,9 @@ def throughput(fn: Callable[[list[Path]], Any], images: list[Path], batch: int, 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m vocdet.bench.predict", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CKPT, help="default: the `make train` model")
-    p.add_argument("--images", type=str, default=str(SAMPLE), help="image folder (default: the real VOC sample)")
+    p.add_argument(
+        "--images", type=str, default=str(SAMPLE / "JPEGImages"), help="image folder (default: the real VOC sample)"
+    )
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--n", type=int, default=50, help="timed single-image calls per runner")

@@ -10,8 +10,7 @@ augmentation settings, dataloader workers and threads, and prints:
 - peak RSS of each training process tree (workers included);
 - metric computation time for 5,000 images x 20 classes, vocdet vs pycocotools.
 
-Results go to ``runs/bench/results.json``. This is the one module besides ``yolo.py`` that imports ultralytics:
-it drives Ultralytics' trainer, dataset and validator as the reference.
+Results go to ``runs/bench/results.json``. It drives Ultralytics' trainer, dataset and validator as the reference.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ from typing import Any
 import numpy as np
 
 BENCH_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_VERBOSE": "0", "WANDB_MODE": "disabled"}
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample100"
+# The real VOC sample, relative to the working directory (the repository root, where `make bench` runs).
+SAMPLE = Path(os.environ.get("VOCDET_SAMPLE", "../shared/data/voc2012-sample100"))
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -143,7 +143,7 @@ def _timed_throughput(images: list[float], seconds: list[float]) -> float:
 
 # vocdet races with its defaults: fp32, the numerics of Ultralytics' CPU training. Beside it, on the synthetic set,
 # bf16 autocast, which CPUs with AVX512-BF16 or AMX run in hardware (Ultralytics has no mixed precision on CPU).
-VARIANTS = {"bf16": ["trainer.precision=bf16-mixed"]}
+VARIANTS = {"bf16": ["train.precision=bf16-mixed"]}
 
 
 def vocdet_overrides(
@@ -183,7 +183,7 @@ def train_vocdet(
     over = vocdet_overrides(voc_root, run_dir, s, name, options)
     log = run_dir / f"{name}.log"
     peak, wall = run_measured(
-        [sys.executable, "-m", "vocdet", "train", *over], log, {**BENCH_ENV, **_threads(s)}, s.timeout
+        [sys.executable, "-m", "vocdet", "train", *over], log, {**BENCH_ENV, **thread_env(s)}, s.timeout
     )
     secs, imgs = vocdet_epochs(run_dir / name)
     metrics = json.loads((run_dir / name / "metrics.json").read_text())
@@ -199,7 +199,7 @@ def train_vocdet(
 
 
 def ultralytics_args(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> dict[str, Any]:
-    """The race's settings as arguments of ``_ultralytics_train`` (run in ``run_dir / "ultralytics"``)."""
+    """The race's settings as arguments of ``ultralytics_train`` (run in ``run_dir / "ultralytics"``)."""
     return {
         "data": str(data_yaml),
         "imgsz": s.imgsz,
@@ -221,9 +221,9 @@ def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> 
     args = ultralytics_args(data_yaml, run_dir, s)
     log = run_dir / "ultralytics.log"
     peak, wall = run_measured(
-        [sys.executable, "-m", "vocdet.bench.race", "_ultralytics_train", json.dumps(args), str(out)],
+        [sys.executable, "-m", "vocdet.bench.race", "ultralytics_train", json.dumps(args), str(out)],
         log,
-        {**BENCH_ENV, **_threads(s), "YOLO_CONFIG_DIR": str(run_dir / "ultralytics_cfg")},
+        {**BENCH_ENV, **thread_env(s), "YOLO_CONFIG_DIR": str(run_dir / "ultralytics_cfg")},
         s.timeout,
     )
     res = json.loads(out.read_text())
@@ -240,7 +240,7 @@ def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> 
     }
 
 
-def _ultralytics_train(args_json: str, out: str) -> None:
+def ultralytics_train(args_json: str, out: str) -> None:
     """Child process: Ultralytics' trainer with the recipe vocdet states explicitly (no optimizer=auto)."""
     import torch
     from ultralytics import YOLO
@@ -312,7 +312,7 @@ def _ultralytics_train(args_json: str, out: str) -> None:
     )
 
 
-def _threads(s: argparse.Namespace) -> dict[str, str]:
+def thread_env(s: argparse.Namespace) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(s.threads), "MKL_NUM_THREADS": str(s.threads)}
 
 
@@ -563,8 +563,8 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_ultralytics_train"]:
-        _ultralytics_train(argv[1], argv[2])
+    if argv[:1] == ["ultralytics_train"]:
+        ultralytics_train(argv[1], argv[2])
         return
     p = argparse.ArgumentParser(prog="python -m vocdet.bench.race", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/bench"))

@@ -95,7 +95,7 @@ def _race_settings(s: argparse.Namespace) -> argparse.Namespace:
 
 def _side(which: str, s: argparse.Namespace) -> None:
     """Child process: train one side with the timers in place; write its figures to ``s.out``."""
-    from vocdet.bench.race import _ultralytics_train, to_yolo, ultralytics_args, vocdet_epochs, vocdet_overrides
+    from vocdet.bench.race import to_yolo, ultralytics_args, ultralytics_train, vocdet_epochs, vocdet_overrides
 
     n_train = len((Path(s.data) / "ImageSets" / "Main" / "train.txt").read_text().split())
     per_epoch = math.ceil(n_train / s.batch)
@@ -109,7 +109,7 @@ def _side(which: str, s: argparse.Namespace) -> None:
         epoch_seconds, _ = vocdet_epochs(run_dir / "vocdet")
     else:
         args = ultralytics_args(to_yolo(Path(s.data), run_dir / "yolo"), run_dir, race)
-        _ultralytics_train(json.dumps(args), str(run_dir / "ultralytics.json"))
+        ultralytics_train(json.dumps(args), str(run_dir / "ultralytics.json"))
         epoch_seconds = json.loads((run_dir / "ultralytics.json").read_text())["seconds"]
     steps = state["steps"] - per_epoch
     step_ms = sum(epoch_seconds[1:]) / steps * 1e3
@@ -129,14 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3, help="the first is the warm-up and is not counted")
     p.add_argument("--side", choices=("vocdet", "ultralytics"), help=argparse.SUPPRESS)
     s = p.parse_args(argv)
-    from vocdet.bench.race import BENCH_ENV, _threads, synthetic_set
+    from vocdet.bench.race import BENCH_ENV, synthetic_set, thread_env
 
     os.environ.update(BENCH_ENV)
     if s.side:
         _side(s.side, s)
         return
     synthetic_set(s.data, images=400, seed=0, imgsz=s.imgsz)
-    env = {**os.environ, **_threads(s)}
+    env = {**os.environ, **thread_env(s)}
     env.setdefault("YOLO_CONFIG_DIR", str(s.out.resolve().parent / "ultralytics_cfg"))
     results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(s).items() if k != "side"}}
     for which in ("vocdet", "ultralytics"):

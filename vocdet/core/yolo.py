@@ -1,4 +1,6 @@
-"""The only module that imports ultralytics: network, loss, pretrained transfer, Ultralytics-format checkpoints."""
+"""Ultralytics' YOLOv8 pieces vocdet builds on: network, loss, pretrained transfer, Ultralytics-format checkpoints.
+
+Importing it configures Ultralytics to stay offline and out of the home directory."""
 
 from __future__ import annotations
 

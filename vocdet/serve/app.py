@@ -10,26 +10,18 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
 import re
-import secrets
-import shutil
-import tempfile
 import time
 import zipfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi import Path as PathParam
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from omegaconf import DictConfig
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
 
 from vocdet.core.detections import Detection
@@ -37,303 +29,36 @@ from vocdet.core.draw import plot
 from vocdet.core.images import ImageError, decode_image
 from vocdet.errors import VocdetError
 from vocdet.infer.detector import Detector
-from vocdet.serve.engine import Job, MicroBatcher, ModelSlot, Overloaded, Result
+from vocdet.serve.engine import Job, ModelSlot, Overloaded, Result
+from vocdet.serve.middleware import ServeMiddleware
+from vocdet.serve.schemas import (
+    BATCH_BODY,
+    ERRORS,
+    IMAGE_BODY,
+    NAME_PATTERN,
+    Annotate,
+    BatchResponse,
+    Conf,
+    DetectionOut,
+    ErrorOut,
+    Health,
+    Iou,
+    MaxDet,
+    ModelInfo,
+    ModelPath,
+    ModelQuery,
+    NameQuery,
+    PredictResponse,
+    Ready,
+    Timing,
+)
+from vocdet.serve.state import State
 
 log = logging.getLogger("vocdet.serve")
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 RESERVED_NAMES = {"batch"}  # /predict/batch is a route
 STATIC = Path(__file__).parent / "static"
 IMAGE_STATUS = {"empty": 422, "truncated": 422, "undecodable": 415, "too_large": 413}
-
-
-# ----------------------------------------------------------------------------------------------- schemas
-class DetectionOut(BaseModel):
-    box: list[float] = Field(description="x1, y1, x2, y2 in original-image pixels", min_length=4, max_length=4)
-    score: float
-    class_id: int
-    label: str
-
-
-class Timing(BaseModel):
-    decode: float = Field(description="decode + letterbox, ms")
-    queue: float = Field(description="waiting for a batch, ms")
-    inference: float = Field(description="the batch's forward pass + NMS, ms")
-    total: float
-    batch_size: int = Field(description="images in the batch this one ran in")
-
-
-class PredictResponse(BaseModel):
-    model: str
-    width: int
-    height: int
-    detections: list[DetectionOut]
-    timing_ms: Timing
-
-
-class BatchResponse(BaseModel):
-    model: str
-    results: list[PredictResponse]
-
-
-class ModelInfo(BaseModel):
-    name: str
-    format: str
-    file: str
-    class_names: list[str]
-    imgsz: int
-    conf: float
-    iou: float
-    max_det: int
-    nms_in_graph: bool
-
-
-class Health(BaseModel):
-    status: str
-
-
-class Ready(BaseModel):
-    status: str
-    models: list[str]
-
-
-class ErrorOut(BaseModel):
-    detail: str
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut, "description": text}
-    for code, text in {
-        404: "unknown model",
-        413: "upload or image too large",
-        415: "not an image",
-        422: "bad query values, empty body or truncated image",
-        503: "overloaded, shutting down or still loading (Retry-After)",
-    }.items()
-}
-IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-BATCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    "required": ["files"],
-                }
-            }
-        },
-    }
-}
-
-
-Conf = Annotated[Optional[float], Query(ge=0, le=1, description="score threshold (default: the model's)")]  # noqa: UP045
-Iou = Annotated[Optional[float], Query(ge=0, le=1, description="NMS IoU threshold")]  # noqa: UP045
-MaxDet = Annotated[Optional[int], Query(ge=1, le=10000, description="detections per image")]  # noqa: UP045
-Annotate = Annotated[bool, Query(description="return the annotated JPEG instead of JSON")]
-ModelQuery = Annotated[Optional[str], Query(max_length=64, description="model name (default: the first)")]  # noqa: UP045
-ModelPath = Annotated[str, PathParam(max_length=64)]
-NameQuery = Annotated[str, Query(pattern=NAME_PATTERN, description="name to serve it under")]
-
-
-# ----------------------------------------------------------------------------------------------- metrics
-class Metrics:
-    """Prometheus metrics in a registry of this app's own (several apps can live in one process)."""
-
-    def __init__(self, max_batch: int) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("vocdet_requests", "HTTP requests", ["route", "method", "status"], registry=r)
-        self.request_seconds = Histogram(
-            "vocdet_request_seconds", "HTTP request latency", ["route"], registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        )  # fmt: skip
-        self.inference_seconds = Histogram(
-            "vocdet_inference_seconds", "forward + NMS time of one batch", ["model"], registry=r,
-            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-        )  # fmt: skip
-        self.batch_size = Histogram(
-            "vocdet_batch_size", "images per inference batch", ["model"], registry=r,
-            buckets=tuple(sorted({1, 2, 4, 8, 16, 32, 64, max_batch})),
-        )  # fmt: skip
-        self.queue_depth = Gauge("vocdet_queue_depth", "images waiting for inference", ["model"], registry=r)
-        self.models_loaded = Gauge("vocdet_models_loaded", "models loaded and warmed up", registry=r)
-
-
-# ----------------------------------------------------------------------------------------------- app state
-class State:
-    def __init__(self, cfg: DictConfig, models: dict[str, Path]):
-        s = cfg.serve
-        self.cfg, self.s = cfg, s
-        self.specs = models
-        self.slots: dict[str, ModelSlot] = {}
-        self.default: str | None = next(iter(models), None)
-        self.ready = False
-        self.draining = False
-        self.load_error: str | None = None
-        self.metrics = Metrics(s.max_batch_size)
-        self.decoder = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")
-        self.loader = ThreadPoolExecutor(1, thread_name_prefix="load")
-        self.admin_token = s.admin_token or os.environ.get("VOCDET_ADMIN_TOKEN") or None
-        self._tmp_dir: str | None = None
-        self.on_load_failure: Callable[[str], None] | None = None
-        self.uploading: set[str] = set()  # names of models being added through POST /models
-
-    def model_dir(self) -> Path:
-        if self.s.model_dir:
-            path = Path(self.s.model_dir)
-        else:
-            if self._tmp_dir is None:
-                self._tmp_dir = tempfile.mkdtemp(prefix="vocdet-models-")
-            path = Path(self._tmp_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def load(self, name: str, path: Path) -> ModelSlot:
-        """Load, warm up and start serving one model (blocking: runs on the loader thread)."""
-        s = self.s
-        detector = Detector.load(path, device=s.device)
-        slot = ModelSlot(name, detector, path, s.max_queue)
-        slot.warm_up()
-        slot.batcher = MicroBatcher(slot, s.max_batch_size, s.max_wait_ms, self.metrics)
-        slot.batcher.start()
-        return slot
-
-    def add(self, slot: ModelSlot) -> None:
-        self.slots[slot.name] = slot
-        self.default = self.default or slot.name
-        self.metrics.models_loaded.set(len(self.slots))
-
-    def slot(self, name: str | None) -> ModelSlot:
-        if self.load_error:
-            raise HTTPException(503, self.load_error)
-        key = name or self.default
-        if key is None:
-            raise HTTPException(404, "no model is loaded (start vocdet serve with --onnx or --checkpoint)")
-        if key not in self.slots:
-            if not self.ready and key in self.specs:
-                raise HTTPException(503, f"model '{key}' is still loading", headers={"Retry-After": "1"})
-            known = ", ".join(sorted(self.slots)) or "none"
-            raise HTTPException(404, f"unknown model '{key}' (loaded: {known})")
-        return self.slots[key]
-
-    def close(self) -> None:
-        for slot in self.slots.values():
-            if slot.batcher:
-                slot.batcher.stop()
-        self.decoder.shutdown(wait=False, cancel_futures=True)
-        self.loader.shutdown(wait=False, cancel_futures=True)
-        if self._tmp_dir:
-            shutil.rmtree(self._tmp_dir, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------- middleware
-class ServeMiddleware:
-    """Pure ASGI: request metrics, body size limits (Content-Length and streamed), 503 while draining, and a
-    JSON 500 for anything unexpected."""
-
-    def __init__(self, app: Any, state: State):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        st, start = self.state, time.perf_counter()
-        status = {"code": 500}
-        started = {"yes": False}
-
-        async def send_wrapper(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                started["yes"] = True
-            await send(message)
-
-        path, method = scope["path"], scope["method"]
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        admin = path == "/models" and method == "POST"
-        limit = int((st.s.admin_max_model_mb if admin else st.s.max_upload_mb) * 1024 * 1024)
-        try:
-            if st.draining and path not in ("/healthz", "/metrics"):
-                await _json(
-                    send_wrapper, 503, "the server is shutting down", {"Retry-After": "5", "Connection": "close"}
-                )
-            elif admin and not self._authorised(headers):
-                await _unauthorised(send_wrapper, st)
-            elif _content_length(headers) > limit:
-                await _json(send_wrapper, 413, f"request body over the {limit / 2**20:g} MB limit")
-            else:
-                received = {"n": 0}
-
-                async def limited_receive() -> dict:
-                    message = await receive()
-                    if message["type"] == "http.request":
-                        received["n"] += len(message.get("body", b""))
-                        if received["n"] > limit:
-                            raise _TooLarge
-                    return message
-
-                await self.app(scope, limited_receive, send_wrapper)
-        except _TooLarge:
-            if not started["yes"]:
-                await _json(send_wrapper, 413, f"request body over the {limit / 2**20:g} MB limit")
-        except Exception:
-            log.exception("unhandled error on %s %s", method, path)
-            if not started["yes"]:
-                await _json(send_wrapper, 500, "internal error (logged on the server)")
-        finally:
-            label = getattr(scope.get("route"), "path", None) or "unmatched"  # templates: bounded label values
-            st.metrics.requests.labels(label, method, str(status["code"])).inc()
-            st.metrics.request_seconds.labels(label).observe(time.perf_counter() - start)
-
-    def _authorised(self, headers: dict[str, str]) -> bool:
-        token = self.state.admin_token
-        if token is None:
-            return True  # the route answers 403 (disabled)
-        scheme, _, given = headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), token.encode())
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _content_length(headers: dict[str, str]) -> int:
-    try:
-        return int(headers.get("content-length", "0"))
-    except ValueError:
-        return 0
-
-
-async def _json(send: Callable, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-    body = JSONResponse({"detail": detail}).body
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _unauthorised(send: Callable, st: State) -> None:
-    await _json(
-        send,
-        401,
-        "a valid 'Authorization: Bearer <serve.admin_token>' header is required",
-        {"WWW-Authenticate": "Bearer"},
-    )
 
 
 # ----------------------------------------------------------------------------------------------- request helpers

@@ -32,12 +32,13 @@ def last_checkpoint(out: Path) -> Path:
 
 
 def _precision(cfg: DictConfig, trainer_kwargs: dict[str, Any]) -> str:
-    if "precision" in trainer_kwargs:
-        return str(trainer_kwargs.pop("precision"))
+    """Lightning's precision: ``train.precision`` as is, or for ``auto`` 16-mixed on CUDA with ``train.amp``."""
+    if cfg.train.precision != "auto":
+        return str(cfg.train.precision)
     accel = str(trainer_kwargs.get("accelerator", "auto"))
     cuda = torch.cuda.is_available() and accel in ("auto", "gpu", "cuda")
     # fp16 AMP with a GradScaler, as Ultralytics trains on CUDA. Not bf16: on the CPU, bf16 autocast trained models
-    # 15-23 mAP50 points worse than fp32 in `make bench`; trainer.precision=bf16-mixed still selects it.
+    # 15-23 mAP50 points worse than fp32 in `make bench`; train.precision=bf16-mixed still selects it.
     return "16-mixed" if cfg.train.amp and cuda else "32-true"
 
 
@@ -80,15 +81,15 @@ def build_trainer(
     kwargs = dict(to_dict(cfg.trainer))
     kwargs["precision"] = _precision(cfg, kwargs)
     kwargs["profiler"] = _profiler(kwargs.get("profiler"), out_dir)
-    kwargs.setdefault("log_every_n_steps", cfg.logging.log_every_n_steps)
+    kwargs["log_every_n_steps"] = cfg.logging.log_every_n_steps
     if evaluating:
         return L.Trainer(logger=False, enable_checkpointing=False, **kwargs)
     # One validation batch before training: catches a broken val set early and forks the (persistent) validation
     # workers while the process is still small.
     kwargs.setdefault("num_sanity_val_steps", 1)
     assert out_dir is not None
-    kwargs.setdefault("max_epochs", cfg.train.epochs)
-    kwargs.setdefault("check_val_every_n_epoch", cfg.train.val_every)
+    kwargs["max_epochs"] = cfg.train.epochs
+    kwargs["check_val_every_n_epoch"] = cfg.train.val_every
     callbacks = [
         ModelCheckpoint(
             dirpath=out_dir / "checkpoints",
