@@ -32,7 +32,7 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest --cov=vocdet --cov-report=term-missing:skip-covered
 
-## Unit tests only (seconds).
+## Every test that neither trains a model nor starts a process (about a minute; `make test` runs everything).
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 

@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vocdet.bench.race import (
-    BENCH_ENV,
-    metric_speed,
-    to_yolo,
-    ultralytics_args,
-    ultralytics_pt_to_vocdet,
-    vocdet_ckpt_to_ultralytics,
-)
+from vocdet.bench.common import BENCH_ENV, to_yolo, ultralytics_pt_to_vocdet, vocdet_ckpt_to_ultralytics
+from vocdet.bench.race import metric_speed, ultralytics_args
 from vocdet.core.voc import VOC_OFFSET, load_records, resolve_split
 
 

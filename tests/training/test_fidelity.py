@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from vocdet.bench.race import to_yolo
+from vocdet.bench.common import to_yolo
 from vocdet.config import load_config, to_dict
 from vocdet.core.voc import load_records, resolve_split
 from vocdet.data.dataset import VOCDataset

@@ -35,17 +35,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from vocdet.bench.race import (
+from vocdet.bench.common import (
     BENCH_ENV,
     score_with_ultralytics,
     score_with_vocdet,
     synthetic_set,
     to_yolo,
-    train_ultralytics,
-    train_vocdet,
     ultralytics_pt_to_vocdet,
     vocdet_ckpt_to_ultralytics,
 )
+from vocdet.bench.race import train_ultralytics, train_vocdet
 from vocdet.core.voc import VOC_CLASSES
 
 # One factor at a time against the default recipe: name -> (race setting, value), applied to both trainers.

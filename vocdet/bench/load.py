@@ -54,7 +54,7 @@ import numpy as np
 import psutil
 from fastapi import FastAPI, File, UploadFile
 
-from vocdet.bench.race import SAMPLE
+from vocdet.bench.common import SAMPLE
 
 DEFAULT_CKPT = Path("runs/quickstart/checkpoints/best.ckpt")
 BATCH, WAIT_MS = 8, 5.0

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vocdet.bench.race import SAMPLE
+from vocdet.bench.common import SAMPLE
 from vocdet.core.images import find_images
 from vocdet.infer.detector import Detector
 

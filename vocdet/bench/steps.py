@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=3, help="the first is the warm-up and is not counted")
     p.add_argument("--side", choices=("vocdet", "ultralytics"), help=argparse.SUPPRESS)
     s = p.parse_args(argv)
-    from vocdet.bench.race import BENCH_ENV, synthetic_set, thread_env
+    from vocdet.bench.common import BENCH_ENV, synthetic_set, thread_env
 
     os.environ.update(BENCH_ENV)
     if s.side:
