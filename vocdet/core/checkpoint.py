@@ -51,12 +51,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise VocdetError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
     if not isinstance(ckpt, dict) or "vocdet" not in ckpt or "state_dict" not in ckpt:
         raise VocdetError(f"{path} is not a vocdet checkpoint (train one with `vocdet train`)")
-    fmt = ckpt["vocdet"].get("format", 1)
+    meta = ckpt["vocdet"]
+    if not isinstance(meta, dict) or not isinstance(ckpt["state_dict"], dict):
+        raise VocdetError(f"{path} is not a vocdet checkpoint (train one with `vocdet train`)")
+    fmt = meta.get("format", 1)
     if fmt != FORMAT_VERSION:
         raise VocdetError(
             f"{path} is in checkpoint format {fmt}, this vocdet reads format {FORMAT_VERSION}; "
             f"use the vocdet version that wrote it ({ckpt['vocdet'].get('version', 'unknown')})"
         )
+    config = meta.get("config")
+    if not (isinstance(config, dict) and isinstance(config.get("model"), dict) and "variant" in config["model"]) or any(
+        k not in meta for k in ("class_names", "imgsz")
+    ):
+        raise VocdetError(f"{path} is an incomplete vocdet checkpoint (no config, class names or image size)")
     return ckpt
 
 

@@ -180,7 +180,7 @@ class Detector:
         props = {p.key: p.value for p in proto.metadata_props}
         if "vocdet" not in props:
             raise VocdetError(f"{path} is not a vocdet ONNX export (no vocdet metadata); use `vocdet export`")
-        meta = json.loads(props["vocdet"])
+        meta = _read_meta(props["vocdet"], path)
         try:
             from vocdet.infer.backends import OnnxBackend
 
@@ -206,7 +206,7 @@ class Detector:
             raise VocdetError(f"cannot read TorchScript model {path}: {str(e).splitlines()[0][:200]}") from None
         if not extra["vocdet.json"]:
             raise VocdetError(f"{path} is not a vocdet TorchScript export (no vocdet.json); use `vocdet export`")
-        meta = json.loads(extra["vocdet.json"])
+        meta = _read_meta(extra["vocdet.json"], path)
         check_device(device, bool(meta.get("half")))
         return cls._from_meta(TorchScriptBackend(net, device), meta, path, imgsz)
 
@@ -277,17 +277,22 @@ class Detector:
             raw = self.backend(stack([batch[i] for i in idx]))
             for j, i in enumerate(idx):
                 if self.nms_in_graph:
-                    if confs[i] < self.conf or ious[i] != self.iou:
-                        raise VocdetError(
-                            f"this model has NMS in its graph (conf {self.conf}, iou {self.iou}); a lower conf or "
-                            "another iou needs a re-export with those predict.* values"
-                        )
+                    self.check_thresholds(confs[i], ious[i])
                     det = raw[raw[:, 0] == j][:, 1:]
                     det = det[det[:, 4] > confs[i]][: dets[i]]
                 else:
                     det = non_max_suppression(_candidates(raw[j], confs[i]), confs[i], ious[i], dets[i])[0]
                 results[i] = self._detections(det, batch[i])
         return results
+
+    def check_thresholds(self, conf: float | None, iou: float | None) -> None:
+        """A one-line error for thresholds this model cannot honour (a lower ``conf`` or another ``iou`` than an
+        NMS-in-graph export was made with); callers that batch requests check each one before batching."""
+        if self.nms_in_graph and ((conf is not None and conf < self.conf) or (iou is not None and iou != self.iou)):
+            raise VocdetError(
+                f"this model has NMS in its graph (conf {self.conf}, iou {self.iou}); a lower conf or "
+                "another iou needs a re-export with those predict.* values"
+            )
 
     def _detections(self, det: Any, item: Letterboxed) -> list[Detection]:
         det = np.asarray(det.float().cpu() if hasattr(det, "cpu") else det, np.float32)
@@ -314,6 +319,23 @@ def _candidates(raw: Any, conf: float) -> Any:
     if isinstance(raw, np.ndarray):
         raw = raw[:, raw[4:].max(0) > conf]
     return raw[None]
+
+
+META_KEYS = ("class_names", "imgsz", "stride", "conf", "iou", "max_det")
+
+
+def _read_meta(text: str, path: Path) -> dict[str, Any]:
+    """An export's vocdet metadata; unreadable or incomplete metadata is a one-line error naming the file."""
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise VocdetError(
+            f"{path} has unreadable vocdet metadata ({e.msg}); export it again with `vocdet export`"
+        ) from None
+    missing = [k for k in META_KEYS if k not in meta] if isinstance(meta, dict) else list(META_KEYS)
+    if missing:
+        raise VocdetError(f"{path} has incomplete vocdet metadata (no {', '.join(missing)}); export it again")
+    return meta
 
 
 def _per_item(value: Any, default: Any, n: int) -> list[Any]:

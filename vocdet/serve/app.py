@@ -141,6 +141,7 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         try:
+            slot.detector.check_thresholds(conf, iou)  # per request: never fail the other requests of a batch
             try:
                 image, prep = await loop.run_in_executor(
                     state.decoder, _decode_prepare, slot.detector, data, name, state.s.max_pixels
@@ -303,9 +304,10 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
         path.write_bytes(data)
         try:
             slot = await asyncio.get_running_loop().run_in_executor(state.loader, state.load, name, path)
-        except VocdetError as e:
+        except Exception as e:  # an uploaded file is input: whatever it breaks is a 422, and it is not kept
             path.unlink(missing_ok=True)
-            raise HTTPException(422, str(e).replace(str(path), f"'{name}'")) from None  # no server paths
+            text = str(e) if isinstance(e, VocdetError) else f"cannot load model '{name}': {type(e).__name__}: {e}"
+            raise HTTPException(422, text.splitlines()[0][:300].replace(str(path), f"'{name}'")) from None
         state.add(slot)
         return slot.info()
 
