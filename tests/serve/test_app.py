@@ -386,7 +386,8 @@ def test_admission_limit_gives_503_with_retry_after(loader: FakeLoader, tmp_path
             backend.gate.set()
         assert held.result(WAIT_S).status_code == 200
         assert c.post("/predict", content=JPEG).status_code == 200  # the place is free again
-        assert_error(c.post("/predict/batch", files=[("files", ("a.jpg", JPEG))] * 2), 503, "queue limit (1)")
+        # more images than the queue admits can never fit: 413, not a retry
+        assert_error(c.post("/predict/batch", files=[("files", ("a.jpg", JPEG))] * 2), 413, "admits 1")
         assert state_of(c).slots["voc"].admitted == 0
 
 
@@ -624,3 +625,11 @@ def test_a_bad_threshold_does_not_fail_other_requests_in_its_batch(loader: FakeL
         assert first.result(WAIT_S).status_code == 200
         assert bad.result(WAIT_S).status_code == 422
         assert good.result(WAIT_S).status_code == 200, good.result().text
+
+
+def test_a_batch_larger_than_the_queue_is_413_not_retry(loader: FakeLoader, tmp_path: Path) -> None:
+    with serve(tmp_path, "serve.max_queue=2", "serve.max_batch_images=8") as c:
+        r = c.post("/predict/batch", files=[("files", (f"{i}.jpg", JPEG)) for i in range(3)])
+        assert_error(r, 413, "3 images", "admits 2")
+        assert "retry-after" not in r.headers
+        assert c.post("/predict/batch", files=[("files", (f"{i}.jpg", JPEG)) for i in range(2)]).status_code == 200

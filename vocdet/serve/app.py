@@ -165,6 +165,8 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
             raise HTTPException(422, str(e)) from None
 
     def admit(slot: ModelSlot, n: int) -> None:
+        if n > slot.max_queue:  # would never fit: a retry cannot help
+            raise HTTPException(413, f"{n} images in one request; model '{slot.name}' admits {slot.max_queue} at once")
         try:
             slot.admit(n)
         except Overloaded:
