@@ -1,30 +1,27 @@
 # vocdet serving image: slim, CPU, ONNX Runtime; serves /models/model.onnx on port 8000. Build from the repo root:
 #   docker build -f docker/serve.Dockerfile -t vocdet-serve .
 #   docker run -p 8000:8000 -v "$PWD/runs/quickstart/checkpoints/best.onnx:/models/model.onnx:ro" vocdet-serve
+# ONNX only: no torch, Lightning, Ultralytics or W&B in the image (serve --checkpoint needs the full package).
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    YOLO_OFFLINE=1 \
-    YOLO_AUTOINSTALL=0
-
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
-    && rm -rf /var/lib/apt/lists/*
-
-WORKDIR /app
-COPY pyproject.toml README.md constraints.txt ./
-COPY vocdet ./vocdet
-COPY configs ./configs
-# CPU-only torch from its own index (no CUDA libraries), then vocdet at the tested versions.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1 \
-    && pip install -c constraints.txt .
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 RUN useradd --create-home --uid 1000 vocdet
+WORKDIR /app
+# The serving runtime at the tested versions (opencv-python-headless: no libGL, so no apt packages), then vocdet
+# itself without its training dependencies. tests/serve/test_serve_venv.py builds a venv the same way.
+COPY constraints.txt ./
+COPY docker/serve-requirements.txt ./docker/
+RUN pip install -c constraints.txt -r docker/serve-requirements.txt
+COPY pyproject.toml README.md ./
+COPY vocdet ./vocdet
+COPY configs ./configs
+RUN pip install --no-deps .
+
 USER 1000
-ENV YOLO_CONFIG_DIR=/home/vocdet/.cache/vocdet/ultralytics
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
