@@ -57,6 +57,8 @@ after("vocdet predict")
 import vocdet.serve.run
 from fastapi.testclient import TestClient
 from vocdet.serve.app import create_app
+
+pytestmark = pytest.mark.slow  # starts python processes
 with TestClient(create_app(cfg, {"m": model})) as client:  # the lifespan loads and warms the model up
     deadline = time.monotonic() + 60
     while client.get("/readyz").status_code != 200:
