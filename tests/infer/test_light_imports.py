@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # starts python processes
+
 HEAVY = ("torch", "torchvision", "lightning", "lightning_fabric", "pytorch_lightning", "ultralytics", "wandb")
 TRAINING = ("lightning", "lightning_fabric", "pytorch_lightning", "wandb")
 
@@ -58,7 +60,6 @@ import vocdet.serve.run
 from fastapi.testclient import TestClient
 from vocdet.serve.app import create_app
 
-pytestmark = pytest.mark.slow  # starts python processes
 with TestClient(create_app(cfg, {"m": model})) as client:  # the lifespan loads and warms the model up
     deadline = time.monotonic() + 60
     while client.get("/readyz").status_code != 200:
