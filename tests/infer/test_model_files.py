@@ -44,3 +44,21 @@ def test_a_malformed_model_file_is_a_one_line_error(tmp_path: Path, suffix: str,
     with pytest.raises(VocdetError, match=r"export it again|incomplete vocdet checkpoint") as e:
         Detector.load(path)
     assert "\n" not in str(e.value)
+
+
+def test_an_unknown_checkpoint_format_is_a_one_line_error(tmp_path: Path) -> None:
+    import torch
+
+    from vocdet.core.checkpoint import FORMAT_VERSION, load_checkpoint
+    from vocdet.errors import VocdetError
+
+    path = tmp_path / "future.ckpt"
+    meta = {"format": FORMAT_VERSION + 1, "version": "9.9.9", "config": {"model": {"variant": "n"}}}
+    torch.save({"vocdet": {**meta, "class_names": ["a"], "imgsz": 64}, "state_dict": {}}, path)
+    with pytest.raises(VocdetError, match=rf"checkpoint format {FORMAT_VERSION + 1}.*reads format {FORMAT_VERSION}"):
+        load_checkpoint(path)
+    # a checkpoint written before the format key existed is format 1
+    torch.save(
+        {"vocdet": {"config": {"model": {"variant": "n"}}, "class_names": ["a"], "imgsz": 64}, "state_dict": {}}, path
+    )
+    assert load_checkpoint(path)["vocdet"].get("format") is None
