@@ -98,7 +98,7 @@ def test_eval_checkpoint_and_detections_file_agree(trained: Path, tmp_path: Path
     # And the model's own detections scored by real pycocotools and the devkit transcription agree.
     import numpy as np
 
-    from tests.test_metrics import VOC_CLASSES, coco_reference, voc_reference
+    from tests.core.test_metrics import VOC_CLASSES, coco_reference, voc_reference
     from vocdet.core.metrics import GroundTruth, Predictions
     from vocdet.core.voc import load_records, resolve_split
 
@@ -125,8 +125,8 @@ def test_eval_checkpoint_and_detections_file_agree(trained: Path, tmp_path: Path
 
 
 def test_eval_detections_on_real_sample_matches_pycocotools(sample_root: Path, tmp_path: Path) -> None:
-    from tests.test_metrics import VOC_CLASSES as REF_CLASSES
-    from tests.test_metrics import coco_reference, load_sample, voc_reference  # independent pycocotools/devkit
+    from tests.core.test_metrics import VOC_CLASSES as REF_CLASSES
+    from tests.core.test_metrics import coco_reference, load_sample, voc_reference  # independent pycocotools/devkit
 
     dets_dir = sample_root / "extras" / "dets_abs_xyx2y2_classid_conf"
     from vocdet.core.voc import VOC_CLASSES
