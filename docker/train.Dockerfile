@@ -12,9 +12,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     YOLO_OFFLINE=1 \
     YOLO_AUTOINSTALL=0
 
-# OpenCV (pulled in by ultralytics) needs these shared libraries.
+# OpenCV (pulled in by ultralytics) needs these shared libraries; tini is PID 1 (below).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 tini \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
@@ -28,5 +28,7 @@ RUN useradd --create-home --uid 1000 vocdet && mkdir -p /app/data /app/runs && c
 USER 1000
 ENV YOLO_CONFIG_DIR=/home/vocdet/.cache/vocdet/ultralytics
 
-ENTRYPOINT ["vocdet", "train"]
+# tini as PID 1: it reaps zombies, and a SIGTERM from the runtime reaches vocdet (and, with -g, its DDP ranks and
+# loader workers) even in the instant before vocdet installs its own handler; as PID 1 vocdet would ignore it.
+ENTRYPOINT ["tini", "-g", "--", "vocdet", "train"]
 CMD []

@@ -269,7 +269,9 @@ def test_bad_input_exits_with_one_line(args: list[str], needles: list[str]) -> N
 def test_corrupt_and_foreign_checkpoints(tmp_path: Path) -> None:
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
-    assert_one_line_error(run_cli("eval", "--checkpoint", str(bad)), "cannot read checkpoint")
+    assert_one_line_error(
+        run_cli("eval", "--checkpoint", str(bad)), "bad.ckpt is not a vocdet checkpoint (not a PyTorch file)"
+    )
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "epoch": 3}, foreign)
     assert_one_line_error(run_cli("eval", "--checkpoint", str(foreign)), "is not a vocdet checkpoint")

@@ -64,6 +64,8 @@ def test_image_commands_work_in_a_fresh_install(onnx_model: Path, tmp_path: Path
     ).stdout.strip()  # fmt: skip
     assert str(venv) in installed and Path(installed).is_file()
     train = instruction(REPO / "docker" / "train.Dockerfile", "ENTRYPOINT")
+    assert train[:3] == ["tini", "-g", "--"]  # an init as PID 1 (no tini here: the command after it runs)
+    train = train[3:]
     help_ = subprocess.run(
         [str(venv / "bin" / train[0]), *train[1:], "--help"], capture_output=True, text=True, timeout=120
     )

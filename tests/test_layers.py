@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO
 
 PACKAGE = REPO / "vocdet"
-SHARED = {"vocdet", "vocdet.config", "vocdet.errors"}  # the version, the config tree, the error type
+SHARED = {"vocdet", "vocdet.config", "vocdet.errors", "vocdet.stopping"}  # version, config, errors, stop signals
 # What each part may import besides itself and SHARED.
 ALLOWED = {
     "core": {"core"},
@@ -25,6 +25,7 @@ ALLOWED = {
     "root": {"core", "data", "training", "infer", "serve"},  # vocdet/__init__.py: the lazy public API
     "config": set(),
     "errors": set(),
+    "stopping": set(),
     "__main__": {"cli"},
 }
 

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from vocdet import stopping
 from vocdet.errors import VocdetError
 
 app = typer.Typer(
@@ -88,6 +89,8 @@ def train(
     if sync_batchnorm:
         extra.append("trainer.sync_batchnorm=true")
     cfg = load_config(config, extra)
+    stopping.STATE["timeout_s"] = float(cfg.train.stop_timeout_s)
+    stopping.pause_at("config")
     best = run_train(cfg)
     typer.echo(f"best checkpoint: {best}")
 
@@ -293,16 +296,27 @@ def data_download(
 
 
 def main() -> None:
-    """Console entry point: a ``VocdetError`` is one line on stderr and exit code 2, never a traceback."""
-    _setup_logging()
+    """Console entry point: a ``VocdetError`` is one line on stderr and exit code 2, never a traceback; SIGTERM and
+    SIGINT at any moment are one line and exit code 143 / 130 (``vocdet.stopping``)."""
+    stopping.install()  # first: as PID 1 in a container, a SIGTERM before this would be ignored
+    stopping.STATE["training"] = sys.argv[1:2] == ["train"]
     try:
+        stopping.pause_at("startup")
+        _setup_logging()
         app()
     except VocdetError as e:
-        # Under DDP every rank raises it; one line says so. (No Lightning loaded: one process.)
-        lightning = sys.modules.get("lightning.pytorch.utilities")
-        if lightning is None or lightning.rank_zero_only.rank == 0:
-            typer.echo(f"{e.label}: {e}", err=True)
+        _say(f"{e.label}: {e}")
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+    except stopping.Interrupted as e:
+        _say(f"stopped: {stopping.message(e.signum)}")
+        sys.exit(stopping.exit_code(e.signum))
+    except KeyboardInterrupt:  # SIGINT before the handler existed
+        _say("stopped: SIGINT")
         sys.exit(130)
+
+
+def _say(line: str) -> None:
+    """One line on stderr; under DDP every rank gets here and only rank 0 speaks."""
+    lightning = sys.modules.get("lightning.pytorch.utilities")
+    if lightning is None or lightning.rank_zero_only.rank == 0:
+        typer.echo(line, err=True)

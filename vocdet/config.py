@@ -132,6 +132,9 @@ class TrainConfig:
         None, "NHWC activations and weights; null = on CUDA only (on the CPU: ~20% faster, worse models)"
     )
     resume: bool = opt(False, "continue <run>/checkpoints/last.ckpt: weights, EMA, optimizer, epoch, step (--resume)")
+    stop_timeout_s: float = opt(
+        60.0, "after SIGTERM/SIGINT the run saves and exits; after this many seconds it exits whatever it is doing"
+    )
 
 
 # trainer.*: keyword arguments of lightning.Trainer. The built-in keys and their help:
@@ -370,6 +373,8 @@ def validate(cfg: DictConfig) -> None:
         raise VocdetError(f"data.imgsz must be a positive multiple of 32 (the network stride), got {cfg.data.imgsz}")
     if cfg.data.batch_size < 1:
         raise VocdetError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if not cfg.train.stop_timeout_s > 0:
+        raise VocdetError(f"train.stop_timeout_s must be > 0 seconds, got {cfg.train.stop_timeout_s}")
     if cfg.train.epochs < 1:
         raise VocdetError(f"train.epochs must be >= 1, got {cfg.train.epochs}")
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
@@ -448,10 +453,9 @@ def from_dict(data: dict[str, Any]) -> DictConfig:
     return cfg
 
 
-def save_config(cfg: DictConfig, path: str | Path) -> None:
+def run_yaml(cfg: DictConfig) -> str:
     """A run's ``config.yaml``: its ``RUN_SECTIONS`` (``vocdet train --config`` of it repeats the run)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(run_sections(cfg)), path)
+    return OmegaConf.to_yaml(OmegaConf.create(run_sections(cfg)))
 
 
 def schema_help() -> dict[str, str]:

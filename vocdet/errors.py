@@ -11,8 +11,11 @@ class VocdetError(Exception):
 
 
 class TrainingStopped(VocdetError):
-    """Training stopped on SIGTERM after saving a checkpoint to resume from (exit code 143 = 128 + SIGTERM, so
-    schedulers and pipelines see an unfinished run)."""
+    """Training stopped on SIGTERM or SIGINT (exit code 128 + the signal: 143 or 130, so schedulers and pipelines
+    see an unfinished run); the message says whether there is a checkpoint to ``--resume`` from."""
 
-    exit_code = 143
     label = "stopped"
+
+    def __init__(self, message: str, signum: int = 15):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)

@@ -179,7 +179,10 @@ def test_bad_model_files_are_one_line_errors(tmp_path: Path) -> None:
     torch.onnx.export(lin, (torch.zeros(1, 2),), str(tmp_path / "foreign.onnx"), dynamo=False)
     cases = [
         (lambda: Detector.from_checkpoint(tmp_path / "none.ckpt"), "not found"),
-        (lambda: Detector.from_checkpoint(tmp_path / "junk.ckpt"), "cannot read checkpoint"),
+        (
+            lambda: Detector.from_checkpoint(tmp_path / "junk.ckpt"),
+            "junk.ckpt is not a vocdet checkpoint (not a PyTorch file)",
+        ),
         (lambda: Detector.from_checkpoint(tmp_path / "other.ckpt"), "not a vocdet checkpoint"),
         (lambda: Detector.from_onnx(tmp_path / "none.onnx"), "not found"),
         (lambda: Detector.from_onnx(tmp_path / "junk.onnx"), "ONNX"),

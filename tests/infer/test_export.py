@@ -176,7 +176,10 @@ def test_export_bad_input(args: list[str], needles: list[str], checkpoint: Path)
 def test_export_and_predict_bad_files(tmp_path: Path, checkpoint: Path) -> None:
     (tmp_path / "junk.ckpt").write_bytes(b"junk")
     assert_one_line_error(run_cli("export", "--checkpoint", str(tmp_path / "none.ckpt")), "checkpoint not found")
-    assert_one_line_error(run_cli("export", "--checkpoint", str(tmp_path / "junk.ckpt")), "cannot read checkpoint")
+    assert_one_line_error(
+        run_cli("export", "--checkpoint", str(tmp_path / "junk.ckpt")),
+        "is not a vocdet checkpoint (not a PyTorch file)",
+    )
     assert_one_line_error(run_cli("predict", str(tmp_path), "--checkpoint", str(checkpoint)), "no images")
     assert_one_line_error(run_cli("predict", "nothing*.jpg", "--checkpoint", str(checkpoint)), "no files match")
     assert_one_line_error(run_cli("predict", str(tmp_path / "x.jpg"), "--onnx", str(tmp_path / "m.onnx")), "not found")

@@ -172,8 +172,13 @@ def test_resume_errors_are_one_line(synth_root: Path, tmp_path: Path) -> None:
     last = tmp_path / "r" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"\x80\x02truncated")
-    assert_one_line_error(run_cli("train", *args, "--resume", timeout=120), f"cannot read checkpoint {last}")
-    assert_one_line_error(run_cli("eval", "--checkpoint", str(last), timeout=120), "cannot read checkpoint")
+    assert_one_line_error(
+        run_cli("train", *args, "--resume", timeout=120),
+        f"{last} is not a vocdet checkpoint (a truncated or damaged PyTorch file)",
+    )
+    assert_one_line_error(
+        run_cli("eval", "--checkpoint", str(last), timeout=120), "is not a vocdet checkpoint (a truncated"
+    )
 
 
 @pytest.mark.parametrize("profiler", ["simple", "pytorch"])

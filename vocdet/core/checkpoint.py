@@ -48,7 +48,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # weights_only: a checkpoint never gets to run code while it is being read.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise VocdetError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+        raise VocdetError(f"{path} is not a vocdet checkpoint ({_why_unreadable(path, e)})") from None
     if not isinstance(ckpt, dict) or "vocdet" not in ckpt or "state_dict" not in ckpt:
         raise VocdetError(f"{path} is not a vocdet checkpoint (train one with `vocdet train`)")
     meta = ckpt["vocdet"]
@@ -66,6 +66,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     ):
         raise VocdetError(f"{path} is an incomplete vocdet checkpoint (no config, class names or image size)")
     return ckpt
+
+
+def _why_unreadable(path: Path, error: Exception) -> str:
+    """One clause on why ``torch.load`` refused ``path`` (instead of PyTorch's paragraph about ``weights_only``)."""
+    import pickle
+    import zipfile
+
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        return "the file is empty"
+    if head[:2] == b"PK" and not zipfile.is_zipfile(path):
+        return "a truncated or damaged PyTorch file"
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        return "not a PyTorch file"
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
+        return "it holds pickled Python objects, as an Ultralytics .pt does; start from one with model.weights="
+    return "a truncated or damaged PyTorch file"
 
 
 def network_from_checkpoint(ckpt: dict[str, Any]) -> Any:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from vocdet import stopping
 from vocdet.core.voc import load_records, resolve_split
 from vocdet.data.dataset import VOCDataset, _worker_init, collate
 from vocdet.errors import VocdetError
+
+log = logging.getLogger("vocdet")
 
 
 class VOCDataModule(L.LightningDataModule):
@@ -23,6 +28,7 @@ class VOCDataModule(L.LightningDataModule):
         self.cfg = data_cfg
         self.train_set: VOCDataset | None = None
         self.val_set: VOCDataset | None = None
+        self._capped = False
 
     def prepare_data(self) -> None:
         root = Path(self.cfg.root)
@@ -41,6 +47,7 @@ class VOCDataModule(L.LightningDataModule):
         return self.trainer.world_size if self.trainer is not None else 1
 
     def setup(self, stage: str | None = None) -> None:
+        stopping.pause_at("data")
         if stage in ("fit", None) and self.train_set is None:
             recs = load_records(resolve_split(self.cfg.root, self.cfg.train_sets, "train"), "train")
             if not recs:
@@ -67,8 +74,20 @@ class VOCDataModule(L.LightningDataModule):
             )
         return self.cfg.batch_size // world
 
+    def _workers(self) -> int:
+        """``data.num_workers``, capped at the CPUs this process may use (one info line when capped)."""
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+        workers = min(self.cfg.num_workers, cpus)
+        if workers < self.cfg.num_workers and not self._capped:
+            log.info("data.num_workers=%d capped to %d: the CPUs this process may use", self.cfg.num_workers, cpus)
+            self._capped = True
+        return workers
+
     def _loader(self, dataset: VOCDataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        workers = self.cfg.num_workers
+        workers = self._workers()
         return DataLoader(
             dataset,
             batch_size=batch_size,

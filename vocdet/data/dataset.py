@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
+from vocdet import stopping
 from vocdet.core.boxes import PAD_VALUE, letterbox
 from vocdet.core.voc import VOC_OFFSET, Record, xyxy_to_xywhn
 
@@ -153,6 +154,7 @@ class VOCDataset(Dataset):
         self.mosaic_on = torch.ones(1, dtype=torch.uint8).share_memory_()
         self.cache: list[np.ndarray] | None = None
         if cache:
+            stopping.pause_at("cache")
             with ThreadPoolExecutor(8) as ex:  # cv2 releases the GIL while decoding
                 self.cache = list(ex.map(self._load_resized, range(len(records))))
 
@@ -287,10 +289,11 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _worker_init(worker_id: int) -> None:
-    """Workers ignore SIGTERM: a scheduler signalling the whole process group must not kill them under the
-    trainer, which saves a checkpoint at the next batch and then shuts them down itself. (They still exit when
-    the main process dies.) Lightning's per-worker seeding is kept."""
+    """Workers ignore SIGTERM and SIGINT: a scheduler signalling the whole process group (or Ctrl-C in a terminal)
+    must not kill them under the trainer, which saves a checkpoint at the next batch and then shuts them down
+    itself. (They still exit when the main process dies.) Lightning's per-worker seeding is kept."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.environ.get("PL_SEED_WORKERS") == "1":
         from lightning.fabric.utilities.seed import pl_worker_init_function
 

@@ -30,6 +30,7 @@ from vocdet.config import Config, load_config
 from vocdet.core.boxes import xywh_to_xyxy
 from vocdet.core.checkpoint import load_checkpoint, network_from_checkpoint
 from vocdet.core.detections import match_detections
+from vocdet.core.files import commit
 from vocdet.core.images import find_images, read_image
 from vocdet.core.yolo import save_ultralytics_checkpoint
 from vocdet.errors import VocdetError
@@ -177,7 +178,7 @@ def export(
                 f"the exported model disagrees with PyTorch (boxes matched {100 * report['agreement']:.1f}% < "
                 f"{100 * e.parity_min_match:.0f}% or max |Δ| {report['max_abs_diff']:.3g}); nothing was written"
             )
-        tmp.replace(out)
+        commit(tmp, out)
     except torch.cuda.OutOfMemoryError:
         raise VocdetError("out of GPU memory while exporting; use export.device=cpu") from None
     finally:

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from vocdet.core.detections import detections_to_predictions, write_detections
 from vocdet.core.draw import plot
+from vocdet.core.files import staged_dir
 from vocdet.core.images import find_images, read_image
 from vocdet.errors import VocdetError
 from vocdet.infer.detector import Detector
@@ -46,7 +47,9 @@ def predict_files(
     bs = batch_size or detector.batch_size
     preds, failed, n_dets = {}, 0, 0
     start = time.perf_counter()
-    with tqdm(total=len(paths), unit="img", disable=len(paths) < 2, desc="predict") as bar:
+    # Annotated images go to a staging folder and move into `out` only when every image is done: an interrupted
+    # run (Ctrl-C, SIGTERM, an error) leaves `out` as it was.
+    with staged_dir(out) as staging, tqdm(total=len(paths), unit="img", disable=len(paths) < 2, desc="predict") as bar:
         for i in range(0, len(paths), bs):
             chunk, images = [], []
             for p in paths[i : i + bs]:
@@ -61,10 +64,10 @@ def predict_files(
                 preds[ids[p]] = detections_to_predictions(dets)
                 n_dets += len(dets)
                 if save_images:
-                    plot(img, dets).save(out / f"{ids[p]}.jpg", quality=90)
+                    plot(img, dets).save(staging / f"{ids[p]}.jpg", quality=90)
             bar.update(len(paths[i : i + bs]))
-    seconds = time.perf_counter() - start
     write_detections(out / "detections.json", preds, detector.class_names)
+    seconds = time.perf_counter() - start
     done = len(paths) - failed
     print(
         f"{done} images, {n_dets} detections in {seconds:.1f} s ({1000 * seconds / max(done, 1):.0f} ms/image) "

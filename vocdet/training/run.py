@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +14,18 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from vocdet.config import Config, load_config, save_config, to_dict
+from vocdet import stopping
+from vocdet.config import Config, load_config, run_yaml, to_dict
 from vocdet.core.checkpoint import load_checkpoint
 from vocdet.core.detections import read_detections, write_detections
-from vocdet.core.files import write_json
+from vocdet.core.files import staged_dir, write_json, write_text
 from vocdet.core.metrics import HEADLINE, GroundTruth, Predictions, evaluate_detections, format_table
 from vocdet.core.voc import VOC_CLASSES, load_records, require_root, resolve_split
 from vocdet.core.yolo import load_pretrained
 from vocdet.data.datamodule import VOCDataModule
 from vocdet.errors import TrainingStopped, VocdetError
 from vocdet.training.module import DetectionModule, NonFiniteLoss
-from vocdet.training.trainer import _sigterm_without_collectives, build_trainer, last_checkpoint, run_dir
+from vocdet.training.trainer import build_trainer, last_checkpoint, run_dir
 
 log = logging.getLogger("vocdet")
 
@@ -91,10 +93,12 @@ def _resume_point(cfg: DictConfig) -> tuple[Path | None, str | None]:
 
 def _train(cfg: DictConfig) -> Path:
     out = run_dir(cfg)
+    last = last_checkpoint(out)
+    stopping.STATE.update(timeout_s=float(cfg.train.stop_timeout_s), checkpoint=last)
     resume_from, wandb_id = _resume_point(cfg)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if rank_zero_only.rank == 0:
-        save_config(cfg, out / "config.yaml")
+        write_text(out / "config.yaml", run_yaml(cfg))
     datamodule = VOCDataModule(cfg.data)
     module = DetectionModule(to_dict(cfg))
     if cfg.model.weights:
@@ -103,30 +107,49 @@ def _train(cfg: DictConfig) -> Path:
             module.ema_model.load_state_dict(module.model.state_dict())
         log.info("transferred %d/%d tensors from %s", matched, total, cfg.model.weights)
     trainer = build_trainer(cfg, out, wandb_id=wandb_id)
-    _sigterm_without_collectives(trainer)
     if resume_from is not None and rank_zero_only.rank == 0:
         log.info("resuming from %s", resume_from)
-    last = last_checkpoint(out)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     except NonFiniteLoss as e:
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved yet"
         raise NonFiniteLoss(f"{e}; {kept} (lower train.lr0 or check the data, then --resume)") from None
     except BaseException:
-        if not trainer.received_sigterm:
+        if stopping.received() is None and not trainer.received_sigterm:
             raise
-        raise TrainingStopped(
-            f"SIGTERM at epoch {trainer.current_epoch}, global step {trainer.global_step}; checkpoint saved to "
-            f"{last}; continue with the same command plus --resume"
-        ) from None
+        raise stopped(stopping.received() or signal.SIGTERM, last, trainer) from None
+    _stop_if_signalled(last, trainer)
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else last
+    stopping.pause_at("final-eval")
     _validate(trainer, module, datamodule, best, out)
+    _stop_if_signalled(last, trainer)
+    stopping.pause_at("reports")
     result = _module_report(module, datamodule, cfg, best, output=out / "metrics.json", plots=out / "plots")
     from vocdet.training.tracking import finish_run
 
+    stopping.pause_at("wandb")
     finish_run(trainer, cfg, best, result)
     return best
+
+
+def stopped(signum: int, last: Path, trainer: L.Trainer | None = None) -> TrainingStopped:
+    """The one line for a run stopped by ``signum``: where it stopped and whether ``--resume`` has anything."""
+    name = signal.Signals(signum).name
+    if not last.exists():
+        return TrainingStopped(
+            f"{name} before the first checkpoint; nothing to resume, run the same command again", signum
+        )
+    where = f" at epoch {trainer.current_epoch}, global step {trainer.global_step}" if trainer is not None else ""
+    return TrainingStopped(
+        f"{name}{where}; checkpoint saved to {last}; continue with the same command plus --resume", signum
+    )
+
+
+def _stop_if_signalled(last: Path, trainer: L.Trainer) -> None:
+    """A signal recorded while Lightning's loop (or its validation) ran, that the loop did not act on."""
+    if stopping.received() is not None:
+        raise stopped(stopping.received(), last, trainer)
 
 
 def _validate(trainer: L.Trainer, module: DetectionModule, datamodule: VOCDataModule, ckpt: Path, out: Path) -> None:
@@ -136,12 +159,12 @@ def _validate(trainer: L.Trainer, module: DetectionModule, datamodule: VOCDataMo
     from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 
     if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-        trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
+        trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False, weights_only=True)
         return
     handoff = out / "checkpoints" / ".validation.pkl"
     module.handoff = handoff
     try:
-        trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False)
+        trainer.validate(module, datamodule=datamodule, ckpt_path=str(ckpt), verbose=False, weights_only=True)
         with handoff.open("rb") as f:
             module.last_metrics, module.last_predictions, module.last_ground_truth = pickle.load(f)
     finally:
@@ -183,6 +206,7 @@ def evaluate(
         trainer = build_trainer(cfg, None, evaluating=True)
         datamodule = VOCDataModule(cfg.data)
         trainer.validate(module, datamodule=datamodule, verbose=False)
+        stopping.check()  # a signal during validation: nothing is written
         return _module_report(
             module,
             datamodule,
@@ -232,7 +256,8 @@ def _report(
     if plots and cfg.logging.plots and "pr_curve" in result:
         from vocdet.training.plots import write_plots
 
-        write_plots(result, gts, preds, images, class_names, plots)
+        with staged_dir(plots) as staging:  # an interrupted report leaves no half-written plots folder
+            write_plots(result, gts, preds, images, class_names, staging)
     result.pop("pr_curve", None)  # in plots/pr_curve.csv; the metrics JSON stays a summary
     result["data_root"] = str(cfg.data.root)
     write_json(output, result)

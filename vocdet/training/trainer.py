@@ -1,19 +1,23 @@
-"""The ``lightning.Trainer`` vocdet trains and evaluates with: precision, profiler, checkpoints (best, last, on
-SIGTERM), CSV and W&B loggers; and the run-directory layout they write into."""
+"""The ``lightning.Trainer`` vocdet trains and evaluates with: precision, profiler, checkpoints (best, last, on a
+stop signal; written atomically), CSV and W&B loggers; and the run-directory layout they write into."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from vocdet import stopping
 from vocdet.config import to_dict
+from vocdet.core.files import atomic_open
 
 # The EMA copy is deliberately in eval mode; Lightning's notice about it (and its own pytree deprecation) is noise.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -54,19 +58,81 @@ def _profiler(name: Any, out_dir: Path | None) -> Any:
     return profilers.PyTorchProfiler(dirpath=out_dir / "profile", filename="profile", export_to_chrome=True)
 
 
-class _CheckpointOnSigterm(L.Callback):
-    """On SIGTERM (what a cluster scheduler sends before preemption) save ``last.ckpt`` where the run stands.
+class _CheckpointOnStop(L.Callback):
+    """A stop signal (SIGTERM from a scheduler before preemption, SIGINT/Ctrl-C) ends the run at a training-batch
+    boundary with ``last.ckpt`` where the run stands.
 
-    Lightning turns the signal into a ``SIGTERMException`` at the next batch boundary on every rank; the
-    checkpoint holds the loop position, so ``--resume`` continues mid-epoch.
+    The signal is only recorded where it lands (``vocdet.stopping``); at the end of each training batch the ranks
+    agree (an all-reduce of "has any rank been signalled") and all of them then raise Lightning's
+    ``SIGTERMException`` at that same batch, so no rank waits in a collective the others left. The checkpoint holds
+    the loop position, so ``--resume`` continues mid-epoch. A signal during validation takes effect after it.
     """
 
     def __init__(self, path: Path):
         self.path = path
 
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        stop = stopping.received() is not None
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([int(stop)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException after this batch
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) or trainer.received_sigterm:
             trainer.save_checkpoint(self.path)
+
+
+class _PhaseMarkers(L.Callback):
+    """``VOCDET_PAUSE_AT`` points inside the training loop (see ``vocdet.stopping.pause_at``)."""
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stopping.pause_at("sanity")
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stopping.pause_at("workers")  # the training loader's workers start right after this hook
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        stopping.pause_at("step")
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            stopping.pause_at("validation")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file in the same folder, fsynced, then renamed over the old one: a kill
+    while writing leaves the previous ``last.ckpt`` whole. Remote (fsspec URL) paths keep Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_open(path, "wb") as f:
+            torch.save(checkpoint, f)
+            # test hooks (VOCDET_PAUSE_AT): a signal or a kill while a checkpoint is being written
+            stopping.pause_at("checkpoint-write")
+            stopping.pause_at(f"checkpoint-write:{Path(path).name}")
+
+
+def _stop_without_collectives(trainer: L.Trainer) -> None:
+    """Lightning's SIGTERM handler broadcasts from inside the signal handler: ranks signalled together enter that
+    broadcast from wherever they were interrupted and the job hangs. Here the handler only records the signal
+    and forwards it to the processes Lightning started; ``_CheckpointOnStop`` acts on it at a batch boundary."""
+    connector = trainer._signal_connector
+
+    def kill(signum: int) -> None:
+        launcher = trainer.strategy.launcher
+        if launcher is not None:
+            launcher.kill(signum)
+
+    def notify(signum: int, frame: Any) -> None:
+        if stopping.record(signum):
+            kill(signum)
+
+    connector._sigterm_notifier_fn = notify  # type: ignore[method-assign]
+    stopping.STATE["kill_children"] = kill
 
 
 def build_trainer(
@@ -83,7 +149,9 @@ def build_trainer(
     kwargs["profiler"] = _profiler(kwargs.get("profiler"), out_dir)
     kwargs["log_every_n_steps"] = cfg.logging.log_every_n_steps
     if evaluating:
-        return L.Trainer(logger=False, enable_checkpointing=False, **kwargs)
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, **kwargs)
+        _stop_without_collectives(trainer)
+        return trainer
     # One validation batch before training: catches a broken val set early and forks the (persistent) validation
     # workers while the process is still small.
     kwargs.setdefault("num_sanity_val_steps", 1)
@@ -109,8 +177,10 @@ def build_trainer(
             auto_insert_metric_name=False,
             enable_version_counter=False,
         ),
-        _CheckpointOnSigterm(last_checkpoint(out_dir)),
+        _CheckpointOnStop(last_checkpoint(out_dir)),
     ]
+    if os.environ.get("VOCDET_PAUSE_AT"):
+        callbacks.append(_PhaseMarkers())
     loggers: list[Any] = []
     if cfg.logging.csv:
         from lightning.pytorch.loggers import CSVLogger
@@ -125,21 +195,12 @@ def build_trainer(
 
         loggers.append(wandb_logger(cfg, out_dir, wandb_id))
         callbacks.append(ValidationImages(loggers[-1], cfg.logging.wandb_images))
-    return L.Trainer(default_root_dir=str(out_dir), callbacks=callbacks, logger=loggers or False, **kwargs)
-
-
-def _sigterm_without_collectives(trainer: L.Trainer) -> None:
-    """Lightning's SIGTERM handler broadcasts from inside the signal handler. When every rank is signalled (a
-    scheduler signalling the job, or the process group), the ranks enter that broadcast from wherever they were
-    interrupted and the job hangs. The handler here only records the signal (and forwards it to the processes
-    Lightning started); the training loop already broadcasts rank 0's flag at each batch boundary, where every
-    rank agrees."""
-    connector = trainer._signal_connector
-
-    def notify(signum: int, frame: Any) -> None:
-        launcher = trainer.strategy.launcher
-        if not connector.received_sigterm and launcher is not None:
-            launcher.kill(signum)
-        connector.received_sigterm = True
-
-    connector._sigterm_notifier_fn = notify  # type: ignore[method-assign]
+    trainer = L.Trainer(
+        default_root_dir=str(out_dir),
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+        **kwargs,
+    )
+    _stop_without_collectives(trainer)
+    return trainer
