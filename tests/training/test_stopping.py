@@ -111,7 +111,7 @@ def _assert_stopped(run: Run, sig: int, expected: str) -> None:
     assert rc == 128 + sig, out[-3000:]
     assert out.count("stopped: ") == 1, out[-3000:]
     line = next(line for line in out.splitlines() if line.startswith("stopped: "))
-    assert line.startswith(f"stopped: {signal.Signals(sig).name}") and expected in line, line
+    assert line.startswith(f"stopped: {signal.Signals(sig).name}") and expected in line, out[-3000:]
     assert "Traceback" not in out, out[-3000:]
     assert run.group_gone(), "processes of the run were left behind"
 
@@ -246,10 +246,23 @@ def test_vocdet_as_pid_1_stops_on_sigterm_at_start_up(synth_root: Path, tmp_path
         prefix=["unshare", "--pid", "--fork", "--mount-proc"],
     )
     run.wait_for("vocdet-phase: startup")
-    children = Path(f"/proc/{run.proc.pid}/task/{run.proc.pid}/children").read_text().split()
-    assert len(children) == 1
-    status = Path(f"/proc/{children[0]}/status").read_text()
-    assert status.split("NSpid:")[1].split()[-1] == "1"  # PID 1 in its namespace
-    os.kill(int(children[0]), signal.SIGTERM)
+    pid1 = _pid_1_of(run.proc.pid)
+    assert "vocdet" in Path(f"/proc/{pid1}/cmdline").read_text()
+    os.kill(pid1, signal.SIGTERM)
     rc = run.finish()
     assert rc == 143 and run.out.count("stopped: SIGTERM " + BEFORE) == 1, run.out[-3000:]
+
+
+def _pid_1_of(unshare_pid: int) -> int:
+    """The process that is PID 1 in the PID namespace ``unshare --pid --fork`` created (seen from here)."""
+    ns = None
+    for child in Path(f"/proc/{unshare_pid}/task/{unshare_pid}/children").read_text().split():
+        with contextlib.suppress(OSError):
+            ns = os.readlink(f"/proc/{child}/ns/pid")
+    assert ns is not None and ns != os.readlink("/proc/self/ns/pid"), "no new PID namespace"
+    for d in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError):
+            nspid = (d / "status").read_text().split("NSpid:")[1].split("\n")[0].split() if d.name.isdigit() else []
+            if nspid and nspid[-1] == "1" and os.readlink(d / "ns/pid") == ns:
+                return int(d.name)
+    pytest.fail("no PID 1 in the new namespace")

@@ -81,8 +81,11 @@ class _CheckpointOnStop(L.Callback):
             trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException after this batch
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) or trainer.received_sigterm:
-            trainer.save_checkpoint(self.path)
+        # A loader worker that was still starting when the process group was signalled can die of it (before its
+        # init ignores SIGTERM); that surfaces as a failed batch fetch, between two steps: save there too.
+        worker_died = stopping.received() is not None and "DataLoader worker" in str(exception)
+        if isinstance(exception, SIGTERMException) or trainer.received_sigterm or worker_died:
+            trainer.save_checkpoint(self.path, weights_only=False)  # the full state, for --resume
 
 
 class _PhaseMarkers(L.Callback):
