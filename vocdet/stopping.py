@@ -69,13 +69,14 @@ def check() -> None:
         raise Interrupted(STATE["signum"])
 
 
-def message(signum: int) -> str:
-    """The one line the CLI prints for a stop outside the training loop."""
+def message(signum: int, where: str = "", training: bool | None = None) -> str:
+    """The one line for a stop: ``where`` it stopped (e.g. " at epoch 3, global step 98") and whether this run's
+    checkpoint (``STATE["checkpoint"]``) gives ``--resume`` something."""
     name = signal.Signals(signum).name
     last = STATE["checkpoint"]
     if last is not None and Path(last).exists():
-        return f"{name}; checkpoint saved to {last}; continue with the same command plus --resume"
-    if STATE.get("training"):
+        return f"{name}{where}; checkpoint saved to {last}; continue with the same command plus --resume"
+    if STATE.get("training") if training is None else training:
         return f"{name} before the first checkpoint; nothing to resume, run the same command again"
     return f"{name}; nothing was written"
 

@@ -117,13 +117,13 @@ def _train(cfg: DictConfig) -> Path:
     except BaseException:
         if stopping.received() is None and not trainer.received_sigterm:
             raise
-        raise stopped(stopping.received() or signal.SIGTERM, last, trainer) from None
-    _stop_if_signalled(last, trainer)
+        raise stopped(stopping.received() or signal.SIGTERM, trainer) from None
+    _stop_if_signalled(trainer)
     ckpt_cb = trainer.checkpoint_callback
     best = Path(ckpt_cb.best_model_path) if ckpt_cb and ckpt_cb.best_model_path else last
     stopping.pause_at("final-eval")
     _validate(trainer, module, datamodule, best, out)
-    _stop_if_signalled(last, trainer)
+    _stop_if_signalled(trainer)
     stopping.pause_at("reports")
     result = _module_report(module, datamodule, cfg, best, output=out / "metrics.json", plots=out / "plots")
     from vocdet.training.tracking import finish_run
@@ -133,23 +133,16 @@ def _train(cfg: DictConfig) -> Path:
     return best
 
 
-def stopped(signum: int, last: Path, trainer: L.Trainer | None = None) -> TrainingStopped:
+def stopped(signum: int, trainer: L.Trainer | None = None) -> TrainingStopped:
     """The one line for a run stopped by ``signum``: where it stopped and whether ``--resume`` has anything."""
-    name = signal.Signals(signum).name
-    if not last.exists():
-        return TrainingStopped(
-            f"{name} before the first checkpoint; nothing to resume, run the same command again", signum
-        )
     where = f" at epoch {trainer.current_epoch}, global step {trainer.global_step}" if trainer is not None else ""
-    return TrainingStopped(
-        f"{name}{where}; checkpoint saved to {last}; continue with the same command plus --resume", signum
-    )
+    return TrainingStopped(stopping.message(signum, where, training=True), signum)
 
 
-def _stop_if_signalled(last: Path, trainer: L.Trainer) -> None:
+def _stop_if_signalled(trainer: L.Trainer) -> None:
     """A signal recorded while Lightning's loop (or its validation) ran, that the loop did not act on."""
     if stopping.received() is not None:
-        raise stopped(stopping.received(), last, trainer)
+        raise stopped(stopping.received(), trainer)
 
 
 def _validate(trainer: L.Trainer, module: DetectionModule, datamodule: VOCDataModule, ckpt: Path, out: Path) -> None:
