@@ -187,6 +187,10 @@ def export(
     ] = None,
     nms: Annotated[Optional[bool], typer.Option("--nms/--no-nms", help="ONNX: NMS in the graph.")] = None,  # noqa: UP045
     half: Annotated[Optional[bool], typer.Option("--half/--full", help="fp16 weights (CUDA).")] = None,  # noqa: UP045
+    int8: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option("--int8/--no-int8", help="ONNX: int8 quantization, kept if it passes the mAP gate."),
+    ] = None,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset.")] = None,  # noqa: UP045
     config: ConfigOpt = None,
     overrides: OverridesArg = None,
@@ -202,6 +206,7 @@ def export(
         ("dynamic_batch", dynamic_batch),
         ("nms", nms),
         ("half", half),
+        ("int8", int8),
         ("opset", opset),
     ):
         if value is not None:

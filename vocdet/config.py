@@ -209,6 +209,15 @@ class ExportConfig:
     )
     parity_conf: float = opt(0.05, "detections compared down to this score")
     parity_min_match: float = opt(0.99, "share of boxes that must agree (same class, IoU >= 0.99, |d score| <= 0.01)")
+    int8: bool = opt(
+        False, "ONNX: static int8 quantization (calibrated, head decoding in fp32), kept only if it passes"
+    )
+    calib_images: int = opt(200, "int8: calibration images, evenly spread over the training split (or calib_source)")
+    calib_source: str | None = opt(
+        None, "int8: a folder, glob or file of calibration images instead of the training split"
+    )
+    int8_val_images: int = opt(500, "int8: validation images the accuracy gate scores fp32 and int8 on")
+    int8_max_map50_drop: float = opt(0.01, "int8: the largest mAP50 loss against fp32 that is kept (else exit 2)")
 
 
 @dataclass

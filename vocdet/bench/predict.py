@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         onnx_path = export(
             s.checkpoint, overrides=["export.dynamic_batch=true", f"export.output={s.out / 'predict.onnx'}"]
         )
+        int8_path = export(
+            s.checkpoint,
+            overrides=["export.dynamic_batch=true", "export.int8=true", f"export.output={s.out / 'predict-int8.onnx'}"],
+        )
     except VocdetError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -104,9 +108,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(s.threads)  # Ultralytics' predictor set cpu_count - 1; compare at equal threads
     det_torch = Detector.from_checkpoint(s.checkpoint, imgsz=s.imgsz)
     det_onnx = Detector.from_onnx(onnx_path, imgsz=s.imgsz, threads=s.threads)
-    results.update(latency({"ultralytics": ultra, "torch": det_torch.predict, "onnx": det_onnx.predict}, images, s.n))
+    det_int8 = Detector.from_onnx(int8_path, imgsz=s.imgsz, threads=s.threads)
+    runners = {"ultralytics": ultra, "torch": det_torch.predict, "onnx": det_onnx.predict, "int8": det_int8.predict}
+    results.update(latency(runners, images, s.n))
     n = 6 * s.batch
-    for name, det in (("torch", det_torch), ("onnx", det_onnx)):
+    for name, det in (("torch", det_torch), ("onnx", det_onnx), ("int8", det_int8)):
         results[name]["batch1_img_s"] = throughput(lambda b, d=det: d.predict(b, batch_size=1), images, 1, n)
         results[name][f"batch{s.batch}_img_s"] = throughput(
             lambda b, d=det: d.predict(b, batch_size=s.batch), images, s.batch, n
@@ -116,10 +122,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ref = results["ultralytics"]["median_ms"]
     results["torch_latency_ratio"] = results["torch"]["median_ms"] / ref
     results["onnx_latency_ratio"] = results["onnx"]["median_ms"] / ref
+    results["int8_latency_ratio"] = results["int8"]["median_ms"] / ref
+    results["int8_batch_ratio"] = (
+        results["int8"][f"batch{s.batch}_img_s"] / results["ultralytics"][f"batch{s.batch}_img_s"]
+    )
+    results["map50"] = accuracy(s, {"torch": det_torch, "onnx": det_onnx, "int8": det_int8})
     print_table(results, s)
     (s.out / "predict.json").write_text(json.dumps(results, indent=2))
     print(f"\nwrote {s.out / 'predict.json'}")
     return results
+
+
+def accuracy(s: argparse.Namespace, detectors: dict[str, Detector]) -> dict[str, dict[str, float]]:
+    """mAP50 of each variant at its own training size, on the checkpoint's validation split and the real sample."""
+    from vocdet.config import load_config
+    from vocdet.core.checkpoint import load_checkpoint
+    from vocdet.infer import quantize
+
+    base = load_checkpoint(s.checkpoint)["vocdet"]["config"]
+    sets = {"val split": load_config(None, [], base=base)}
+    if SAMPLE.is_dir():
+        sets["VOC sample"] = load_config(None, [f"data.root={SAMPLE}"], base=base)
+    out: dict[str, dict[str, float]] = {}
+    for name, det in detectors.items():
+        det.imgsz = int(base["data"]["imgsz"])
+        out[name] = {where: quantize.score(det, cfg, 500)[0]["map50"] for where, cfg in sets.items()}
+        det.imgsz = s.imgsz
+    return out
 
 
 def print_table(r: dict[str, Any], s: argparse.Namespace) -> None:
@@ -135,12 +164,16 @@ def print_table(r: dict[str, Any], s: argparse.Namespace) -> None:
         ("ultralytics", "Ultralytics YOLO.predict"),
         ("torch", "Detector (PyTorch)"),
         ("onnx", "Detector (ONNX Runtime)"),
+        ("int8", "Detector (ONNX int8)"),
     ):
         x = r[name]
         ratio = x["median_ms"] / r["ultralytics"]["median_ms"]
         print(
             f"{label:24} {x['median_ms']:10.1f} {x['p90_ms']:8.1f} {ratio:14.2f} {x['batch1_img_s']:14.1f} {x[b]:14.1f}"
         )
+    print("\nmAP50 (vocdet's metric, at the training image size):")
+    for name, where in r["map50"].items():
+        print(f"  {name:6} " + ", ".join(f"{k} {v:.4f}" for k, v in where.items()))
     own = r["ultralytics_own_threads"]
     print(f"(Ultralytics with its own thread choice, {own['threads']} threads: median {own['median_ms']:.1f} ms)")
 

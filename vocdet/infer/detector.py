@@ -76,6 +76,17 @@ class Detector:
         self.rect = bool(getattr(backend, "dynamic_shape", True))
         self.nms_in_graph = bool(getattr(backend, "nms_in_graph", False))
 
+    @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8: what the model computes in (from the export's metadata; checkpoints: predict.half)."""
+        if "precision" in self.metadata:
+            return str(self.metadata["precision"])
+        return (
+            "fp16"
+            if self.metadata.get("half") or str(getattr(self.backend, "dtype", "")) == "torch.float16"
+            else "fp32"
+        )
+
     def __repr__(self) -> str:
         kind = type(self.backend).__name__.strip("_").replace("Backend", "").lower()
         return f"Detector({kind}, {self.source!r}, imgsz={self.imgsz}, classes={len(self.class_names)})"

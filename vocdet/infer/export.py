@@ -132,7 +132,10 @@ def export(
     base["trainer"] = Config().trainer
     cfg = load_config(config_files, overrides, base=base)
     e = cfg.export
-    out = Path(e.output) if e.output else Path(checkpoint).with_suffix(SUFFIXES[e.format])
+    if e.int8 and e.format != "onnx":
+        raise VocdetError(f"export.int8 quantizes an ONNX model; use it with --format onnx, not {e.format}")
+    default = Path(checkpoint).with_suffix(SUFFIXES[e.format])
+    out = Path(e.output) if e.output else default.with_name(default.stem + "-int8.onnx") if e.int8 else default
     if out.is_dir():
         raise VocdetError(
             f"--output {out} is a directory; give a file name such as {out / ('model' + SUFFIXES[e.format])}"
@@ -178,6 +181,8 @@ def export(
                 f"the exported model disagrees with PyTorch (boxes matched {100 * report['agreement']:.1f}% < "
                 f"{100 * e.parity_min_match:.0f}% or max |Δ| {report['max_abs_diff']:.3g}); nothing was written"
             )
+        if e.int8:
+            meta = _int8(tmp, candidate, cfg, meta)
         commit(tmp, out)
     except torch.cuda.OutOfMemoryError:
         raise VocdetError("out of GPU memory while exporting; use export.device=cpu") from None
@@ -188,6 +193,62 @@ def export(
 
     log_export(Path(checkpoint), out, cfg, ckpt["vocdet"].get("wandb_id"), meta)
     return out
+
+
+def _int8(tmp: Path, fp32: Detector, cfg: DictConfig, meta: dict[str, Any]) -> dict[str, Any]:
+    """Quantize the checked fp32 export in ``tmp`` in place, if the int8 model passes the accuracy gate."""
+    from vocdet.infer import quantize
+
+    e = cfg.export
+    images, source, skipped = quantize.calibration_images(cfg)
+    fp32_score, n_val = quantize.score(fp32, cfg, e.int8_val_images)
+    q = tmp.with_name(tmp.name + ".int8")
+    try:
+        kept = quantize.quantize(tmp, q, fp32, images)
+        int8 = Detector.from_onnx(q)
+        int8_score, _ = quantize.score(int8, cfg, e.int8_val_images)
+        drop = fp32_score["map50"] - int8_score["map50"]
+        print(
+            f"int8 accuracy gate on {n_val} validation images: mAP50 / mAP50-95 fp32 {fp32_score['map50']:.4f} / "
+            f"{fp32_score['map50_95']:.4f}, int8 {int8_score['map50']:.4f} / {int8_score['map50_95']:.4f} "
+            f"(mAP50 drop {100 * drop:.2f} points)"
+        )
+        if drop > e.int8_max_map50_drop:
+            raise VocdetError(
+                f"the int8 model loses {100 * drop:.2f} mAP50 points against fp32 (limit export.int8_max_map50_drop="
+                f"{e.int8_max_map50_drop}); nothing was written"
+            )
+        meta = {
+            **meta,
+            "precision": "int8",
+            "int8": {
+                "calibration": source,
+                "calib_images": len(images),
+                "calib_skipped": skipped,
+                "val_images": n_val,
+                "map50_fp32": fp32_score["map50"],
+                "map50_int8": int8_score["map50"],
+                "map50_95_fp32": fp32_score["map50_95"],
+                "map50_95_int8": int8_score["map50_95"],
+                "map50_drop": drop,
+                "fp32_nodes": len(kept),
+            },
+        }
+        _set_metadata(q, meta)
+        q.replace(tmp)
+    finally:
+        q.unlink(missing_ok=True)
+    return meta
+
+
+def _set_metadata(path: Path, meta: dict[str, Any]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for prop in proto.metadata_props:
+        if prop.key == "vocdet":
+            prop.value = json.dumps(meta)
+    onnx.save(proto, str(path))
 
 
 def _metadata(ckpt: dict[str, Any], cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -210,6 +271,7 @@ def _metadata(ckpt: dict[str, Any], cfg: DictConfig, out: Path) -> dict[str, Any
         "dynamic_batch": bool(e.dynamic_batch),
         "rect": bool(e.rect) and e.format == "onnx",
         "half": bool(e.half),
+        "precision": "fp16" if e.half else "fp32",
         "opset": e.opset if e.format == "onnx" else None,
         "vocdet_version": __version__,
         "ultralytics_version": ultralytics.__version__,

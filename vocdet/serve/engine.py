@@ -175,4 +175,5 @@ class ModelSlot:
             "iou": d.iou,
             "max_det": d.max_det,
             "nms_in_graph": d.nms_in_graph,
+            "precision": d.precision,
         }

@@ -49,6 +49,7 @@ class ModelInfo(BaseModel):
     iou: float
     max_det: int
     nms_in_graph: bool
+    precision: str = Field(description="fp32, fp16 or int8 (a quantized ONNX export)")
 
 
 class Health(BaseModel):
