@@ -167,6 +167,15 @@ def onnx_model(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return export(checkpoint, overrides=["export.dynamic_batch=true", f"export.output={out}"])
 
 
+@pytest.fixture(scope="session")
+def int8_model(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``checkpoint`` fixture exported to int8 ONNX (``vocdet export --int8``, dynamic batch)."""
+    from vocdet.infer.export import export
+
+    out = tmp_path_factory.mktemp("int8") / "best-int8.onnx"
+    return export(checkpoint, overrides=["export.int8=true", "export.dynamic_batch=true", f"export.output={out}"])
+
+
 @pytest.fixture(scope="module")
 def server(onnx_model: Path):
     """A running ``vocdet serve --onnx`` on loopback (module-scoped; stopped with SIGTERM afterwards)."""

@@ -150,13 +150,21 @@ def predict(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per forward pass.")] = None,  # noqa: UP045
     device: Annotated[Optional[str], typer.Option(help="cpu|cuda|cuda:N (checkpoints).")] = None,  # noqa: UP045
     save_images: Annotated[bool, typer.Option(help="Write annotated copies of the images.")] = True,
+    threads: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(min=1, help="ONNX Runtime intra-op threads (default: predict.threads)."),
+    ] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Detect objects in images; writes OUT/detections.json (the `vocdet eval --detections` format) and
-    annotated images. Thresholds default to the model's predict.* settings."""
+    annotated images. Thresholds default to the model's predict.* settings; ONNX Runtime's session options
+    (predict.threads, predict.ort_*) come from --config."""
+    from vocdet.config import load_config
     from vocdet.infer.predict import predict_files
 
     if (checkpoint is None) == (onnx is None):
         raise VocdetError("give exactly one of --checkpoint or --onnx")
+    session = load_config(config, [f"predict.threads={threads}"] if threads else []).predict
     failed = predict_files(
         sources,
         checkpoint=checkpoint,
@@ -168,6 +176,7 @@ def predict(
         batch_size=batch_size,
         device=device,
         save_images=save_images,
+        session=session,
     )
     if failed:
         raise typer.Exit(1)

@@ -187,6 +187,13 @@ class PredictConfig:
     batch_size: int = opt(8, "images per forward pass")
     device: str = opt("cpu", "cpu|cuda|cuda:N|mps (checkpoints)")
     half: bool = opt(False, "fp16 inference (CUDA only)")
+    threads: int = opt(0, "ONNX Runtime intra-op threads (0: one per physical core)")
+    ort_optimization: str = opt("all", "ONNX Runtime graph optimisation: all|extended|basic|disable")
+    ort_execution_mode: str = opt("sequential", "ONNX Runtime: sequential|parallel (independent operators at once)")
+    ort_mem_arena: bool = opt(True, "ONNX Runtime: CPU memory arena (reuses buffers between calls)")
+    ort_mem_pattern: bool = opt(True, "ONNX Runtime: plan buffers from the first call's allocation pattern")
+    ort_prepacking: bool = opt(True, "ONNX Runtime: pre-pack constant weights for the CPU kernels at load")
+    ort_spinning: bool = opt(True, "ONNX Runtime: intra-op threads spin briefly for work before sleeping")
 
 
 @dataclass
@@ -392,6 +399,11 @@ def validate(cfg: DictConfig) -> None:
         raise VocdetError(f"export.format must be one of {', '.join(EXPORT_FORMATS)}, got '{cfg.export.format}'")
     if not 0 <= cfg.predict.conf <= 1 or not 0 <= cfg.predict.iou <= 1:
         raise VocdetError("predict.conf and predict.iou must be between 0 and 1")
+    for key, choices in (("ort_optimization", ORT_OPTIMIZATION), ("ort_execution_mode", ("sequential", "parallel"))):
+        if cfg.predict[key] not in choices:
+            raise VocdetError(f"predict.{key}={cfg.predict[key]!r} is not one of {'|'.join(choices)}")
+    if cfg.predict.threads < 0:
+        raise VocdetError("predict.threads must be >= 0 (0: one per physical core)")
     if cfg.serve.max_batch_size < 1 or cfg.serve.max_queue < 1 or cfg.serve.decode_threads < 1:
         raise VocdetError("serve.max_batch_size, serve.max_queue and serve.decode_threads must be >= 1")
     if cfg.model.weights and not Path(cfg.model.weights).is_file():
@@ -441,6 +453,7 @@ def validate_trainer(cfg: DictConfig) -> None:
 
 # The sections a trained model carries (its checkpoint, the run's config.yaml, the W&B run config): never
 # ``serve`` (the admin token), ``logging`` or ``download`` (settings of the machine, not of the model).
+ORT_OPTIMIZATION = ("all", "extended", "basic", "disable")
 RUN_SECTIONS = ("run", "data", "model", "train", "trainer", "eval", "predict", "export")
 
 

@@ -110,13 +110,19 @@ def test_bench_predict_prints_and_writes_its_figures(
     from vocdet.bench.predict import main
 
     r = main(["--checkpoint", str(checkpoint), "--images", str(sample_root / "JPEGImages"), "--imgsz", "128",
-              "--n", "4", "--batch", "2", "--out", str(tmp_path)])  # fmt: skip
+              "--n", "4", "--batch", "2", "--out", str(tmp_path), "--real-checkpoint", str(checkpoint)])  # fmt: skip
     out = capsys.readouterr().out
-    assert "Detector (ONNX Runtime)" in out and "÷ Ultralytics" in out
+    assert "Detector (ONNX Runtime)" in out and "Detector (ONNX int8)" in out and "÷ Ultralytics" in out
     saved = json.loads((tmp_path / "predict.json").read_text())
-    for name in ("ultralytics", "torch", "onnx"):
-        assert saved[name]["median_ms"] > 0 and saved[name]["batch2_img_s"] > 0
+    for name in ("ultralytics", "torch", "onnx", "int8"):
+        assert saved[name]["median_ms"] > 0 and saved[name]["p90_ms"] >= saved[name]["median_ms"]
+        assert saved[name]["batch1_img_s"] > 0 and saved[name]["batch2_img_s"] > 0
     assert saved["torch_latency_ratio"] == pytest.approx(r["torch"]["median_ms"] / r["ultralytics"]["median_ms"])
+    assert saved["int8_latency_ratio"] == pytest.approx(r["int8"]["median_ms"] / r["ultralytics"]["median_ms"])
+    acc = saved["map50"]
+    assert set(acc) == {"val split", "VOC sample"} and all(set(v) == {"torch", "onnx", "int8"} for v in acc.values())
+    assert acc["val split"]["torch"] > 0.2 and abs(acc["val split"]["int8"] - acc["val split"]["onnx"]) <= 0.02
+    assert (tmp_path / "predict-int8.onnx").is_file() and (tmp_path / "real-int8.onnx").is_file()
 
 
 def test_fidelity_confidence_interval_and_t_quantiles() -> None:

@@ -22,14 +22,6 @@ def _meta(path: Path) -> dict:
     return json.loads(props["vocdet"])
 
 
-@pytest.fixture(scope="module")
-def int8_model(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vocdet.infer.export import export
-
-    out = tmp_path_factory.mktemp("int8") / "best-int8.onnx"
-    return export(checkpoint, overrides=["export.int8=true", "export.dynamic_batch=true", f"export.output={out}"])
-
-
 def test_int8_export_passes_the_gate_and_records_it(int8_model: Path, onnx_model: Path) -> None:
     import onnx
 
@@ -122,3 +114,57 @@ def test_int8_bad_input_is_one_line_and_writes_nothing(checkpoint: Path, tmp_pat
     assert_one_line_error(proc, "loses", "mAP50 points against fp32", "nothing was written")
     assert "int8 accuracy gate on" in proc.stdout
     assert not out.exists() and not list(tmp_path.glob("q.onnx*"))
+
+
+def test_session_options_come_from_the_predict_keys(int8_model: Path, tmp_path: Path, sample_root: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from vocdet.config import load_config
+    from vocdet.infer.detector import Detector
+    from vocdet.serve.app import create_app
+
+    keys = [
+        "predict.threads=1",
+        "predict.ort_optimization=extended",
+        "predict.ort_execution_mode=parallel",
+        "predict.ort_mem_arena=false",
+        "predict.ort_mem_pattern=false",
+        "predict.ort_prepacking=false",
+        "predict.ort_spinning=false",
+    ]
+    cfg = load_config(None, keys)
+
+    def check(options) -> None:
+        import onnxruntime as ort
+
+        assert options.intra_op_num_threads == 1
+        assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+        assert not options.enable_cpu_mem_arena and not options.enable_mem_pattern
+        assert options.get_session_config_entry("session.disable_prepacking") == "1"
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+    check(Detector.from_onnx(int8_model, predict=cfg.predict).backend.session.get_session_options())
+    default = Detector.from_onnx(int8_model).backend.session.get_session_options()
+    assert default.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    with TestClient(create_app(cfg, {"q": int8_model})) as client:  # vocdet serve passes its predict.* keys
+        deadline = time.monotonic() + 60
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the model never became ready"
+            time.sleep(0.05)
+        check(client.app.state.vocdet.slots["q"].detector.backend.session.get_session_options())
+    overlay = tmp_path / "session.yaml"
+    overlay.write_text("predict:\n  ort_optimization: basic\n")
+    image = sorted((sample_root / "JPEGImages").glob("*.jpg"))[0]
+    out = tmp_path / "pred"
+    proc = run_cli(
+        "predict", str(image), "--onnx", str(int8_model), "--threads", "1", "-c", str(overlay), "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert isinstance(json.loads((out / "detections.json").read_text()), list) and proc.stdout.startswith("1 images")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("predict:\n  ort_optimization: fastest\n")
+    assert_one_line_error(
+        run_cli("predict", str(image), "--onnx", str(int8_model), "-c", str(bad), "--out", str(out)),
+        "predict.ort_optimization='fastest' is not one of all|extended|basic|disable",
+    )

@@ -65,7 +65,7 @@ class FakeLoader:
         self.release = threading.Event()  # cleared: loading waits (at most WAIT_S) until it is set
         self.release.set()
 
-    def __call__(self, path: str | Path, device: str | None = None) -> Detector:
+    def __call__(self, path: str | Path, device: str | None = None, predict: object = None) -> Detector:
         path = Path(path)
         self.paths.append(path)
         if not self.release.wait(WAIT_S):

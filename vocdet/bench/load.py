@@ -4,7 +4,9 @@ Three servers run one after another, each in its own subprocess, on the same ONN
 
 * ``batched``: ``vocdet serve`` with micro-batching (``serve.max_batch_size=8 serve.max_wait_ms=5``);
 * ``no-batching``: ``vocdet serve`` with ``serve.max_batch_size=1``;
-* ``baseline``: :func:`baseline_app`, the original project's design (model loaded per request, on the event loop).
+* ``baseline``: :func:`baseline_app`, the original project's design (model loaded per request, on the event loop);
+* ``batched-int8``: ``batched`` on the int8 export of the same model (``vocdet export --int8``; ``--int8 M``, or
+  made from the quickstart checkpoint when no ``--onnx`` is given; skipped with a note otherwise).
 
 For every server and concurrency level, N asyncio clients share one ``httpx.AsyncClient`` and POST real JPEG
 bytes (multipart field ``file``, cycling through ``--images``) back to back until ``--requests`` have been sent
@@ -65,6 +67,8 @@ SERVERS: dict[str, list[str]] = {
                 f"serve.max_batch_size={BATCH}", f"serve.max_wait_ms={WAIT_MS:g}"],
     "no-batching": ["vocdet", "serve", "--port", PORT, "--onnx", "{onnx}", "--name", "voc", "serve.max_batch_size=1"],
     "baseline": ["vocdet.bench.load", "--baseline-app", "--port", PORT, "--onnx", "{onnx}"],
+    "batched-int8": ["vocdet", "serve", "--port", PORT, "--onnx", "{int8}", "--name", "voc",
+                     f"serve.max_batch_size={BATCH}", f"serve.max_wait_ms={WAIT_MS:g}"],
 }  # fmt: skip
 
 
@@ -116,10 +120,13 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
             proc.wait()
 
 
+def server_args(name: str, onnx: Path, int8: Path | None = None) -> list[str]:
+    return [{"{onnx}": str(onnx), "{int8}": str(int8)}.get(a, a) for a in SERVERS[name]]
+
+
 @contextmanager
-def serving(name: str, onnx: Path, out: Path) -> Iterator[tuple[subprocess.Popen, str]]:
-    args = [str(onnx) if a == "{onnx}" else a for a in SERVERS[name]]
-    proc, url = start_server(args, out / f"loadtest-{name}.log")
+def serving(name: str, onnx: Path, out: Path, int8: Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    proc, url = start_server(server_args(name, onnx, int8), out / f"loadtest-{name}.log")
     try:
         yield proc, url
     finally:
@@ -248,6 +255,8 @@ def goals(rows: list[dict], bare: dict[str, float], at: int) -> list[dict]:
         ("batched / no-batching req/s", ratio(b and b["req_s"], nob and nob["req_s"]), ">=", 1.2),
         ("batched p99 ms vs 2 x max_wait_ms + bare infer8_ms", b and b["p99_ms"], "<=", bound),
     ]
+    if q := r.get("batched-int8"):  # no goal of its own: how much int8 adds to a served model
+        checks.append(("batched-int8 / batched req/s", ratio(q["req_s"], b and b["req_s"]), ">=", 1.0))
     return [
         {"name": n, "at": at, "value": v, "op": op, "goal": g,
          "ok": None if v is None else (v >= g if op == ">=" else v <= g)}
@@ -275,19 +284,20 @@ def format_goal(g: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def resolve_model(onnx: str | None, out: Path) -> Path:
-    """``--onnx``, else ``runs/quickstart``'s best.ckpt exported (dynamic batch) to ``<out>/loadtest.onnx``."""
+def resolve_model(onnx: str | None, out: Path, int8: bool = False) -> Path:
+    """``onnx``, else ``runs/quickstart``'s best.ckpt exported (dynamic batch) to ``<out>/loadtest[-int8].onnx``."""
     if onnx:
         if not Path(onnx).is_file():
-            raise SystemExit(f"error: --onnx {onnx}: no such file")
+            raise SystemExit(f"error: --{'int8' if int8 else 'onnx'} {onnx}: no such file")
         return Path(onnx).resolve()
     if not DEFAULT_CKPT.is_file():
         raise SystemExit(f"error: no model: give --onnx MODEL.onnx, or train {DEFAULT_CKPT} first (make quickstart)")
-    target = out / "loadtest.onnx"
+    target = out / ("loadtest-int8.onnx" if int8 else "loadtest.onnx")
     if not target.is_file() or target.stat().st_mtime < DEFAULT_CKPT.stat().st_mtime:
         from vocdet.infer.export import export
 
-        export(DEFAULT_CKPT, overrides=["export.dynamic_batch=true", f"export.output={target}"])
+        overrides = ["export.dynamic_batch=true", f"export.int8={int8}", f"export.output={target}"]
+        export(DEFAULT_CKPT, overrides=overrides)
     return target.resolve()
 
 
@@ -299,6 +309,13 @@ def load_images(directory: Path) -> list[tuple[str, bytes]]:
 
 
 def run_load(onnx: Path, images: list[tuple[str, bytes]], s: argparse.Namespace) -> dict[str, Any]:
+    int8 = None
+    if "batched-int8" in s.servers:
+        if s.int8 or not s.onnx:
+            int8 = resolve_model(s.int8, s.out, int8=True)
+        else:
+            print("note: no --int8 model for --onnx; the batched-int8 server is skipped", flush=True)
+            s.servers = [x for x in s.servers if x != "batched-int8"]
     print(f"bare Detector on {s.requests} images ...", flush=True)
     bare = bare_detector(onnx, images, s.requests)
     print("  " + ", ".join(f"{k} {v:.1f}" for k, v in bare.items()), flush=True)
@@ -306,8 +323,8 @@ def run_load(onnx: Path, images: list[tuple[str, bytes]], s: argparse.Namespace)
     servers: dict[str, dict] = {}
     print(HEADER, flush=True)
     for name in s.servers:
-        with serving(name, onnx, s.out) as (proc, url):
-            servers[name] = {"pid": proc.pid, "url": url, "args": SERVERS[name]}
+        with serving(name, onnx, s.out, int8) as (proc, url):
+            servers[name] = {"pid": proc.pid, "url": url, "args": server_args(name, onnx, int8)}
             rows += asyncio.run(measure(name, url, images, s))
     at = 16 if 16 in s.levels else max(s.levels)
     checks = goals(rows, bare, at)
@@ -356,6 +373,7 @@ def settings(onnx: Path, images: list[tuple[str, bytes]], s: argparse.Namespace)
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m vocdet.bench.load", description=__doc__.split("\n")[0])
     p.add_argument("--onnx", help="model to serve (default: export runs/quickstart's best.ckpt)")
+    p.add_argument("--int8", help="int8 model for the batched-int8 server (default: export it, without --onnx)")
     p.add_argument("--images", type=Path, default=SAMPLE / "JPEGImages", help="directory of JPEGs to send")
     p.add_argument("--levels", help="concurrency levels, comma-separated (default 1,4,16,32)")
     p.add_argument("--requests", type=int, help="measured requests per level (default 200)")

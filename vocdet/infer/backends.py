@@ -61,19 +61,51 @@ class TorchScriptBackend:
             return self.net(torch.from_numpy(batch).to(self.device).float().div_(255).contiguous()).float()
 
 
+def session_options(predict: Any = None, threads: int | None = None) -> Any:
+    """ONNX Runtime ``SessionOptions`` from the ``predict.*`` keys (``threads``, ``ort_*``; absent keys: ONNX
+    Runtime's defaults); ``threads`` overrides ``predict.threads``."""
+    import onnxruntime as ort
+
+    get = (lambda key, default: getattr(predict, key, default)) if predict is not None else (lambda _, d: d)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    threads = threads or get("threads", 0)
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    level = ort.GraphOptimizationLevel
+    options.graph_optimization_level = {
+        "all": level.ORT_ENABLE_ALL,
+        "extended": level.ORT_ENABLE_EXTENDED,
+        "basic": level.ORT_ENABLE_BASIC,
+        "disable": level.ORT_DISABLE_ALL,
+    }[get("ort_optimization", "all")]
+    parallel = get("ort_execution_mode", "sequential") == "parallel"
+    options.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_cpu_mem_arena = bool(get("ort_mem_arena", True))
+    options.enable_mem_pattern = bool(get("ort_mem_pattern", True))
+    if not get("ort_prepacking", True):
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if get("ort_spinning", True) else "0")
+    return options
+
+
 class OnnxBackend:
     """An ONNX Runtime session on an exported vocdet model (CUDA provider when present)."""
 
-    def __init__(self, path: Path, providers: Sequence[str] | None, nms_in_graph: bool, threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        providers: Sequence[str] | None,
+        nms_in_graph: bool,
+        threads: int | None = None,
+        predict: Any = None,
+    ):
         import onnxruntime as ort
 
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(predict, threads)
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name

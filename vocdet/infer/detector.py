@@ -93,12 +93,12 @@ class Detector:
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> Detector:
+    def load(cls, path: str | Path, device: str | None = None, *, predict: Any = None) -> Detector:
         """Pick the loader from the file: ``.ckpt`` checkpoint, ``.onnx``, ``.torchscript`` (``device`` for the
-        PyTorch ones; ONNX Runtime picks its provider)."""
+        PyTorch ones; ONNX Runtime picks its provider; ``predict``: a ``predict.*`` section for its session)."""
         suffix = Path(path).suffix.lower()
         if suffix == ".onnx":
-            return cls.from_onnx(path)
+            return cls.from_onnx(path, predict=predict)
         if suffix in (".torchscript", ".ts"):
             return cls.from_torchscript(path, device or "cpu")
         return cls.from_checkpoint(path, device)
@@ -175,10 +175,13 @@ class Detector:
         providers: Sequence[str] | None = None,
         imgsz: int | None = None,
         threads: int | None = None,
+        predict: Any = None,
     ) -> Detector:
         """An ONNX file from ``vocdet export``, run by ONNX Runtime (CUDA provider first when installed).
 
-        ``threads`` sets ONNX Runtime's intra-op threads (default: one per physical core)."""
+        ``threads`` sets ONNX Runtime's intra-op threads (default: ``predict.threads``, else one per physical core);
+        ``predict`` (the config's ``predict`` section, or any object with its ``ort_*`` attributes) sets the rest of
+        the session options; without it, vocdet's defaults (``vocdet config --defaults``)."""
         path = Path(path)
         if not path.is_file():
             raise VocdetError(f"ONNX model not found: {path}")
@@ -195,7 +198,7 @@ class Detector:
         try:
             from vocdet.infer.backends import OnnxBackend
 
-            backend = OnnxBackend(path, providers, bool(meta.get("nms")), threads)
+            backend = OnnxBackend(path, providers, bool(meta.get("nms")), threads, predict or _default_predict())
         except Exception as e:
             raise VocdetError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None
         return cls._from_meta(backend, meta, path, imgsz)
@@ -364,3 +367,9 @@ def _check_imgsz(imgsz: int, stride: int) -> int:
 
 
 __all__ = ["Detector", "Letterboxed", "stack"]
+
+
+def _default_predict() -> Any:
+    from vocdet.config import PredictConfig
+
+    return PredictConfig()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -30,14 +31,19 @@ def predict_files(
     batch_size: int | None = None,
     device: str | None = None,
     save_images: bool = True,
+    session: Any = None,
 ) -> int:
     """Predict every image of ``sources``; writes ``out/detections.json`` and annotated images (same names, .jpg).
 
+    ``session``: a ``predict`` config section whose ``threads``/``ort_*`` keys set ONNX Runtime's session.
     An unreadable image is reported and skipped, the rest still written. Returns the number of skipped images.
     """
 
     paths = find_images(sources)
-    detector = Detector.from_onnx(onnx) if onnx else Detector.from_checkpoint(checkpoint, device)  # type: ignore[arg-type]
+    if onnx:
+        detector = Detector.from_onnx(onnx, predict=session)
+    else:
+        detector = Detector.from_checkpoint(checkpoint, device)  # type: ignore[arg-type]
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ class State:
     def load(self, name: str, path: Path) -> ModelSlot:
         """Load, warm up and start serving one model (blocking: runs on the loader thread)."""
         s = self.s
-        detector = Detector.load(path, device=s.device)
+        detector = Detector.load(path, device=s.device, predict=self.cfg.predict)
         slot = ModelSlot(name, detector, path, s.max_queue)
         slot.warm_up()
         slot.batcher = MicroBatcher(slot, s.max_batch_size, s.max_wait_ms, self.metrics)
