@@ -10,9 +10,7 @@ training format (``batch_idx (N,)``, ``cls (N, 1)``, ``bboxes (N, 4)`` normalise
 from __future__ import annotations
 
 import math
-import os
 import random
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
@@ -122,6 +120,28 @@ def random_affine(
 # ----------------------------------------------------------------------------------------------- datasets
 
 
+class SharedImages:
+    """Images in one shared-memory buffer: loader workers (started from a fork server, see
+    ``vocdet.data.workers.worker_context``) receive a handle to it, not a copy. Items are read-only views."""
+
+    def __init__(self, images: list[np.ndarray]):
+        self.shapes = [im.shape for im in images]
+        self.offsets = np.cumsum([0] + [im.size for im in images])
+        self.buffer = torch.empty(int(self.offsets[-1]), dtype=torch.uint8).share_memory_()
+        flat = self.buffer.numpy()
+        for i, im in enumerate(images):
+            flat[self.offsets[i] : self.offsets[i + 1]] = im.reshape(-1)
+            images[i] = None  # type: ignore[call-overload]  # freed as copied: the peak stays near one copy
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        view = self.buffer.numpy()[self.offsets[i] : self.offsets[i + 1]].reshape(self.shapes[i])
+        view.flags.writeable = False
+        return view
+
+
 class VOCDataset(Dataset):
     """VOC images for training (``augment=True``: mosaic/affine/HSV/flip) or validation (letterbox only).
 
@@ -152,11 +172,11 @@ class VOCDataset(Dataset):
         self._buffer: dict[int, np.ndarray] = {}
         # A shared-memory flag, so persistent worker processes see close_mosaic without being restarted.
         self.mosaic_on = torch.ones(1, dtype=torch.uint8).share_memory_()
-        self.cache: list[np.ndarray] | None = None
+        self.cache: SharedImages | None = None
         if cache:
             stopping.pause_at("cache")
             with ThreadPoolExecutor(8) as ex:  # cv2 releases the GIL while decoding
-                self.cache = list(ex.map(self._load_resized, range(len(records))))
+                self.cache = SharedImages(list(ex.map(self._load_resized, range(len(records)))))
 
     def __len__(self) -> int:
         return len(self.records)
@@ -286,15 +306,3 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("id", "orig_size", "ratio", "pad", "gt"):
             batch[key + ("s" if key == "id" else "")] = [it[key] for it in items]
     return batch
-
-
-def _worker_init(worker_id: int) -> None:
-    """Workers ignore SIGTERM and SIGINT: a scheduler signalling the whole process group (or Ctrl-C in a terminal)
-    must not kill them under the trainer, which saves a checkpoint at the next batch and then shuts them down
-    itself. (They still exit when the main process dies.) Lightning's per-worker seeding is kept."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if os.environ.get("PL_SEED_WORKERS") == "1":
-        from lightning.fabric.utilities.seed import pl_worker_init_function
-
-        pl_worker_init_function(worker_id)
