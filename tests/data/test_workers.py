@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
@@ -79,3 +80,46 @@ def test_workers_come_from_a_fork_server_with_stop_signals_kept_out(synth_root: 
         assert int(parent) != main  # started by the fork server, not forked from the loader's process
         assert int(blocked) & SIGTERM_BIT  # SIGTERM blocked for the worker's whole life
         assert int(server_ignores) & SIGTERM_BIT  # and ignored by the server
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited (its new parent reaps it)
+
+
+def test_workers_and_server_exit_when_the_trainer_is_killed(synth_root: Path, tmp_path: Path) -> None:
+    """A hard exit of the training process (SIGKILL, the stop watchdog's os._exit) leaves no worker or server."""
+    script = tmp_path / "killed.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time
+            import vocdet
+            from vocdet.data.datamodule import VOCDataModule
+
+            cfg = vocdet.load_config(None, ["data.root={synth_root}", "data.imgsz=64", "data.batch_size=4",
+                                            "data.num_workers=2"])
+            dm = VOCDataModule(cfg.data)
+            dm.setup("fit")
+            it = iter(dm.train_dataloader())
+            next(it)
+            server = int(open(f"/proc/{{it._workers[0].pid}}/stat").read().rsplit(")", 1)[1].split()[1])
+            print(server, *(w.pid for w in it._workers), flush=True)
+            time.sleep(120)
+            """
+        )
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    deadline = time.monotonic() + 20  # workers notice a changed parent within 5 s of waiting for work
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]

@@ -270,23 +270,29 @@ def test_augmentation_statistics_match_ultralytics(pipelines: Any, mosaic: float
 
 
 @pytest.mark.slow
+class _RecordingDataset(VOCDataset):
+    """Each training item says whether mosaic was on when a worker made it (module level: workers start from a fork
+    server and receive the dataset and the collate function pickled, by reference)."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**super().__getitem__(index), "mosaic": bool(self.mosaic_on.item())}
+
+
+def _recording_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    from vocdet.data.dataset import collate
+
+    return {**collate(items), "mosaic": [it.get("mosaic") for it in items]}
+
+
 def test_close_mosaic_reaches_persistent_workers_at_the_right_epoch(
     synth_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ultralytics rebuilds its loader at epoch ``epochs - close_mosaic``; vocdet flips a shared flag that forked,
+    """Ultralytics rebuilds its loader at epoch ``epochs - close_mosaic``; vocdet flips a shared flag that the
     persistent workers read. Every sample of the closing epoch, prefetched ones included, must see it."""
     import vocdet.data.datamodule as data
 
-    get_item, collate = data.VOCDataset.__getitem__, data.collate
-
-    def recording_item(self: VOCDataset, index: int) -> dict[str, Any]:
-        return {**get_item(self, index), "mosaic": bool(self.mosaic_on.item())}
-
-    def recording_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {**collate(items), "mosaic": [it.get("mosaic") for it in items]}
-
-    monkeypatch.setattr(data.VOCDataset, "__getitem__", recording_item)
-    monkeypatch.setattr(data, "collate", recording_collate)
+    monkeypatch.setattr(data, "VOCDataset", _RecordingDataset)
+    monkeypatch.setattr(data, "collate", _recording_collate)
     epochs, close = 4, 2
     cfg = load_config(
         None,

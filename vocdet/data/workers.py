@@ -59,6 +59,14 @@ class _WorkerProcess(multiprocessing.context.ForkServerProcess):
         # does): torch's worker loop installs its own SIGTERM handler before ``worker_init`` runs, and a
         # process-group SIGTERM landing in between killed the worker under the trainer.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        # The server exits when its trainer process does (the last writer of its "alive" pipe is gone), and the
+        # worker then sees its parent change and exits. Each worker is handed a copy of that pipe for starting
+        # processes of its own, which it never does: kept, it would hold the server, and so itself, alive forever
+        # after a hard exit of the trainer (SIGKILL, the stop watchdog's os._exit).
+        server = multiprocessing.forkserver._forkserver  # type: ignore[attr-defined]
+        if server._forkserver_alive_fd is not None:
+            os.close(server._forkserver_alive_fd)
+            server._forkserver_alive_fd = None
         super().run()
 
     @staticmethod
