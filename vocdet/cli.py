@@ -279,16 +279,34 @@ def config_(
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Option(help="Output folder (flat VOC layout).")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
     images: Annotated[int, typer.Option(min=1, help="Number of images.")] = 600,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
     size: Annotated[int, typer.Option(min=32, help="Longest image side in pixels.")] = 256,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of images in val.txt.")] = 0.2,
+    classes: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Comma-separated class names to draw (default: the 20 VOC names)."),
+    ] = None,
+    layout: Annotated[
+        str, typer.Option(help="flat (Annotations/, JPEGImages/), roboflow (train/, valid/) or folder.")
+    ] = "flat",
+    box_origin: Annotated[int, typer.Option(min=0, max=1, help="1: VOC's 1-based corners; 0: 0-based.")] = 1,
 ) -> None:
-    """Generate a synthetic VOC-format dataset (JPEG + XML + train/val split files)."""
+    """Generate a synthetic VOC-format dataset (JPEG + XML, split as the layout does it)."""
     from vocdet.data.synth import synthesize_voc
 
-    synthesize_voc(out, images=images, seed=seed, size=size, val_fraction=val_fraction)
+    names = [n.strip() for n in classes.split(",")] if classes else None
+    synthesize_voc(
+        out,
+        images=images,
+        seed=seed,
+        size=size,
+        val_fraction=val_fraction,
+        names=names,
+        layout=layout,
+        box_origin=box_origin,
+    )
     typer.echo(f"wrote {images} images to {out}")
 
 

@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from vocdet.errors import VocdetError
 
+ARCHS = ("yolov8", "yolo11")
 VARIANTS = ("n", "s", "m", "l", "x")
 EXPORT_FORMATS = ("onnx", "torchscript", "ultralytics")
 PROFILERS = ("simple", "advanced", "pytorch")
@@ -61,16 +62,26 @@ class DataConfig:
     (default.yaml of ultralytics 8.4)."""
 
     root: str = opt(
-        "data/VOCdevkit", "a VOCdevkit (VOC2007/, VOC2012/) or a flat VOC folder (Annotations/, JPEGImages/)"
+        "data/VOCdevkit",
+        "VOCdevkit, flat VOC folder (Annotations/, JPEGImages/), or images with .xml beside them (+ train/ valid/)",
     )
     train_sets: list[str] = field(
         default_factory=lambda: ["2007/trainval", "2012/trainval"],
-        metadata={"help": "VOCdevkit: <year>/<ImageSets/Main file>; flat roots use train.txt"},
+        metadata={"help": "VOCdevkit: <year>/<ImageSets/Main file>; flat roots use train.txt (or trainval.txt)"},
     )
     val_sets: list[str] = field(
         default_factory=lambda: ["2007/test"],
-        metadata={"help": "as train_sets, for validation and `vocdet eval`; flat roots use val.txt"},
+        metadata={"help": "as train_sets, for validation and `vocdet eval`; flat roots use val.txt (or test.txt)"},
     )
+    classes: Any = field(
+        default="voc",
+        metadata={
+            "help": "voc (20 VOC names), auto (sorted <name>s of the training split) or a list; the run stores its list"
+        },
+    )
+    unknown_classes: str = opt("error", "objects whose class is not in data.classes: error (one line) or ignore")
+    box_origin: int = opt(1, "1: the VOC devkit's 1-based corners (LabelImg, CVAT); 0: 0-based (Albumentations)")
+    val_fraction: float = opt(0.2, "data without a split of its own: share held out for validation, by run.seed")
     imgsz: int = opt(640, "square training/validation size in pixels, a multiple of 32 (the network stride)")
     batch_size: int = opt(64, "global batch, split across devices")
     num_workers: int = opt(8, "dataloader workers per device")
@@ -96,10 +107,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network: a YOLOv8 variant with a 20-class head, optionally started from Ultralytics weights."""
+    """The network: a YOLOv8 or YOLO11 variant with a head for data.classes, optionally started from Ultralytics
+    weights."""
 
-    variant: str = opt("n", "yolov8{n,s,m,l,x}")
-    weights: str | None = opt(None, "optional Ultralytics .pt to start from (shape-matched transfer, 20-class head)")
+    arch: str = opt("yolov8", "yolov8 or yolo11 (same DetectionModel and v8DetectionLoss)")
+    variant: str = opt("n", "n, s, m, l or x (<arch><variant>.yaml, e.g. yolov8n, yolo11s)")
+    weights: str | None = opt(
+        None,
+        "optional Ultralytics .pt to start from (shape-matched; class head kept only if its names match)",
+    )
 
 
 @dataclass
@@ -389,6 +405,17 @@ def validate(cfg: DictConfig) -> None:
         raise VocdetError(f"data.imgsz must be a positive multiple of 32 (the network stride), got {cfg.data.imgsz}")
     if cfg.data.batch_size < 1:
         raise VocdetError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    if cfg.model.arch not in ARCHS:
+        raise VocdetError(f"model.arch must be one of {', '.join(ARCHS)}, got '{cfg.model.arch}'")
+    check_classes(cfg.data.classes)
+    if cfg.data.unknown_classes not in ("error", "ignore"):
+        raise VocdetError(f"data.unknown_classes must be error or ignore, got '{cfg.data.unknown_classes}'")
+    if cfg.data.box_origin not in (0, 1):
+        raise VocdetError(
+            f"data.box_origin must be 1 (the VOC devkit's 1-based corners) or 0 (0-based), got {cfg.data.box_origin}"
+        )
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise VocdetError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if not cfg.train.stop_timeout_s > 0:
         raise VocdetError(f"train.stop_timeout_s must be > 0 seconds, got {cfg.train.stop_timeout_s}")
     if cfg.train.epochs < 1:
@@ -422,6 +449,26 @@ def validate(cfg: DictConfig) -> None:
         Config().trainer
     ):
         validate_trainer(cfg)
+
+
+def check_classes(classes: Any) -> list[str] | None:
+    """One-line errors for a bad ``data.classes``; returns the stripped list (None for voc/auto)."""
+    if isinstance(classes, str):
+        if classes not in ("voc", "auto"):
+            raise VocdetError(
+                f"data.classes must be voc, auto or a list of names, got '{classes}' (a list: data.classes=[a,b,c])"
+            )
+        return None
+    if not isinstance(classes, (list, tuple, ListConfig)) or not classes:
+        raise VocdetError(f"data.classes must be voc, auto or a non-empty list of names, got {classes!r}")
+    names = [str(n).strip() for n in classes]
+    if any(not n for n in names):
+        raise VocdetError("data.classes has an empty class name; give each class a name")
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise VocdetError(
+            f"data.classes lists {', '.join(repr(d) for d in dupes)} more than once; give each class once"
+        )
+    return names
 
 
 def validate_trainer(cfg: DictConfig) -> None:

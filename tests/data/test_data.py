@@ -205,11 +205,11 @@ def test_parse_xml_without_objects(tmp_path):
     assert rec.boxes.shape == (0, 4) and rec.labels.shape == (0,) and rec.difficult.shape == (0,)
 
 
-def test_unknown_class_raises_value_error(tmp_path):
+def test_unknown_class_is_labelled_minus_one_with_its_name(tmp_path):
     xml = tmp_path / "bad.xml"
     xml.write_text(_xml("bad.jpg", 50, 40, [("dog", (1, 1, 10, 10), 0, 0), ("dragon", (1, 1, 10, 10), 0, 0)]))
-    with pytest.raises(ValueError, match="unknown class 'dragon'"):
-        parse_voc_xml(xml)
+    rec = parse_voc_xml(xml)
+    assert rec.labels.tolist() == [CLASS_INDEX["dog"], -1] and rec.names == ("dog", "dragon")
 
 
 # ----------------------------------------------------------------------------------------------- 2. discovery
@@ -269,16 +269,22 @@ def test_resolve_split_flat_with_split_files(tmp_path, caplog):
     assert _vocdet_warnings(caplog) == []
 
 
-def test_resolve_split_flat_without_split_files_warns(tmp_path, caplog):
-    root = synthesize_voc(tmp_path / "flat", images=4, seed=0, size=64)
+def test_resolve_split_flat_without_split_files_draws_one(tmp_path, caplog):
+    root = synthesize_voc(tmp_path / "flat", images=10, seed=0, size=64)
     shutil.rmtree(root / "ImageSets")
     (root / "JPEGImages" / "no_annotation.jpg").write_bytes(b"x")  # an image without XML is not listed
-    with caplog.at_level(logging.WARNING, logger="vocdet"):
-        pairs = resolve_split(root, ["2007/trainval"], "train")
-    assert pairs == [(root, f"synth_{i:06d}") for i in range(4)]
-    warnings = _vocdet_warnings(caplog)
-    assert len(warnings) == 1
-    assert "ImageSets/Main/train.txt" in warnings[0].getMessage()
+    with caplog.at_level(logging.INFO, logger="vocdet"):
+        train = resolve_split(root, ["2007/trainval"], "train", val_fraction=0.2, seed=3)
+        val = resolve_split(root, ["2007/test"], "val", val_fraction=0.2, seed=3)
+    assert len(val) == 2 and len(train) == 8
+    assert sorted(train + val) == [(root, f"synth_{i:06d}") for i in range(10)]
+    assert val == resolve_split(root, [], "val", val_fraction=0.2, seed=3)  # deterministic
+    assert val != resolve_split(root, [], "val", val_fraction=0.2, seed=4)  # drawn by the seed
+    assert _vocdet_warnings(caplog) == []
+    said = [r.getMessage() for r in caplog.records if r.name == "vocdet"]
+    assert said == [
+        f"{root} has no split of its own: 2 of 10 images held out for validation (data.val_fraction=0.2, run.seed=3)"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------- 3. corrupt inputs
@@ -291,7 +297,7 @@ def test_load_records_skips_bad_xml_and_missing_images_with_one_warning(tmp_path
     (ann / "synth_000000.xml").write_text(full[: len(full) // 2])  # truncated XML
     (ann / "synth_000001.xml").write_bytes(b"\x00\xffnot xml at all")  # garbage
     (jpg / "synth_000002.jpg").unlink()  # XML whose JPEG is missing
-    (ann / "synth_000003.xml").write_text(_xml("synth_000003.jpg", 64, 64, [("unicorn", (1, 1, 9, 9), 0, 0)]))
+    (ann / "synth_000003.xml").write_text("<annotation><object><name>dog</name><bndbox/></object></annotation>")
     (ann / "synth_000004.xml").write_text("<annotation><object><name>dog</name></object></annotation>")  # no size
     pairs = [(root, f"synth_{i:06d}") for i in range(7)] + [(root, "ghost")]  # ghost: no XML at all
     with caplog.at_level(logging.WARNING, logger="vocdet"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,12 @@ def _module(*overrides: str) -> DetectionModule:
     return DetectionModule(to_dict(load_config(None, list(overrides))))
 
 
-def test_loss_equals_ultralytics_detection_model_loss(batch: dict) -> None:
-    module = _module()
+@pytest.mark.parametrize("arch", ["yolov8", "yolo11"])
+def test_loss_equals_ultralytics_detection_model_loss(batch: dict, arch: str) -> None:
+    module = _module(f"model.arch={arch}")
+    assert type(module.model.model[-1]).__name__ == "Detect" and len(module.model.model) == (
+        23 if arch == "yolov8" else 24
+    )
     module.model.train()
     ours, items = module.compute_loss(batch)
     # Ultralytics' own path: DetectionModel.loss -> init_criterion -> v8DetectionLoss, on float images in [0, 1].
@@ -173,6 +178,23 @@ def test_pretrained_transfer_is_shape_matched(tmp_path: Path) -> None:
     other = [k for k in dst if k not in same_shape]
     assert other and all(k.startswith("model.22.cv3") for k in other)  # only the class branch differs
     assert all(torch.equal(dst[k], fresh[k]) for k in other)
+
+
+def test_pretrained_class_head_is_kept_only_when_its_names_match(tmp_path: Path) -> None:
+    from vocdet.core.yolo import save_ultralytics_checkpoint
+
+    src = build_model("n", num_classes=3, arch="yolo11")
+    save_ultralytics_checkpoint(src, ["cat", "dog", "fox"], 128, tmp_path / "src.pt")
+    head = [k for k in src.state_dict() if re.fullmatch(r"model\.23\.cv3\.\d\.2\.(weight|bias)", k)]
+    assert len(head) == 6  # weight and bias of the 3 class-logit convs
+    for names, kept in ((["cat", "dog", "fox"], True), (["cat", "dog", "owl"], False)):
+        dst = build_model("n", num_classes=3, arch="yolo11")
+        fresh = {k: v.clone() for k, v in dst.state_dict().items()}
+        matched, total = load_pretrained(dst, tmp_path / "src.pt", names)
+        assert matched == total - (0 if kept else len(head))
+        for k, v in dst.state_dict().items():
+            expected = src.state_dict()[k] if kept or k not in head else fresh[k]
+            assert torch.equal(v, expected), k
 
 
 def test_channels_last_is_off_on_the_cpu_unless_asked_for() -> None:

@@ -90,13 +90,14 @@ def network_from_checkpoint(ckpt: dict[str, Any]) -> Any:
     """The inference network (EMA weights when the run kept an EMA) of a loaded checkpoint, on the CPU."""
     from vocdet.core.yolo import build_model
 
-    variant = ckpt["vocdet"]["config"]["model"]["variant"]
-    net = build_model(variant, len(ckpt["vocdet"]["class_names"]))
+    model = ckpt["vocdet"]["config"]["model"]
+    variant, arch = model["variant"], model.get("arch", "yolov8")
+    net = build_model(variant, len(ckpt["vocdet"]["class_names"]), arch)
     sd = ckpt["state_dict"]
     prefix = "ema_model." if any(k.startswith("ema_model.") for k in sd) else "model."
     weights = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     try:
         net.load_state_dict(weights)
     except RuntimeError as e:
-        raise VocdetError(f"checkpoint weights do not fit yolov8{variant}: {str(e).splitlines()[0]}") from None
+        raise VocdetError(f"checkpoint weights do not fit {arch}{variant}: {str(e).splitlines()[0]}") from None
     return net.eval()

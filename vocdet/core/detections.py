@@ -19,7 +19,7 @@ import numpy as np
 from vocdet.core.boxes import box_iou
 from vocdet.core.files import write_json
 from vocdet.core.metrics import Predictions
-from vocdet.core.voc import CLASS_INDEX, VOC_CLASSES, VOC_OFFSET
+from vocdet.core.voc import VOC_CLASSES, box_offset
 from vocdet.errors import VocdetError
 
 log = logging.getLogger("vocdet")
@@ -40,10 +40,10 @@ class Detection:
         return d
 
 
-def detections_to_predictions(dets: list[Detection]) -> Predictions:
-    """Detector output -> the metric code's ``Predictions`` in VOC XML pixels (1-based x1/y1, as the detections
-    JSON that ``vocdet eval --detections`` scores)."""
-    boxes = np.asarray([d.box for d in dets], np.float64).reshape(-1, 4) + VOC_OFFSET
+def detections_to_predictions(dets: list[Detection], origin: int = 1) -> Predictions:
+    """Detector output -> the metric code's ``Predictions`` in the dataset's XML pixels (``data.box_origin``: 1-based
+    x1/y1 for the VOC devkit's corners, as the detections JSON that ``vocdet eval --detections`` scores)."""
+    boxes = np.asarray([d.box for d in dets], np.float64).reshape(-1, 4) + box_offset(origin)
     return Predictions(
         boxes=boxes,
         scores=np.asarray([d.score for d in dets], np.float64),
@@ -81,8 +81,11 @@ def write_detections(path: str | Path, preds: dict[str, Predictions], class_name
     write_json(path, rows)
 
 
-def read_detections(path: str | Path, known_ids: set[str]) -> dict[str, Predictions]:
+def read_detections(
+    path: str | Path, known_ids: set[str], class_names: Sequence[str] = VOC_CLASSES
+) -> dict[str, Predictions]:
     """Parse a detections JSON file; malformed rows are a one-line error naming the row."""
+    index = {name: i for i, name in enumerate(class_names)}
     path = Path(path)
     if not path.is_file():
         raise VocdetError(f"detections file not found: {path}")
@@ -105,14 +108,15 @@ def read_detections(path: str | Path, known_ids: set[str]) -> dict[str, Predicti
                 f"{path}: detection #{n} is malformed ({e}); expected "
                 '{"image_id": str, "class": str, "score": float, "bbox": [x1, y1, x2, y2]}'
             ) from None
-        if cls not in CLASS_INDEX:
+        if cls not in index:
             raise VocdetError(
-                f"{path}: detection #{n} has unknown class '{cls}' (VOC classes: {', '.join(VOC_CLASSES)})"
+                f"{path}: detection #{n} has unknown class '{cls}' (the classes: {', '.join(class_names)}; "
+                "data.classes sets them)"
             )
         if image_id not in known_ids:
             unknown.add(image_id)
             continue
-        grouped.setdefault(image_id, []).append((box, score, CLASS_INDEX[cls]))
+        grouped.setdefault(image_id, []).append((box, score, index[cls]))
     if unknown:
         log.warning("%d image ids in %s are not in the validation split and were ignored", len(unknown), path)
     return {

@@ -5,6 +5,7 @@ Importing it configures Ultralytics to stay offline and out of the home director
 from __future__ import annotations
 
 import os
+import re
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vocdet.config import ARCHS
 from vocdet.errors import VocdetError
 
 # Ultralytics must neither download nor pip-install at run time, nor write into the home directory.
@@ -32,16 +34,26 @@ from ultralytics.utils.loss import v8DetectionLoss  # noqa: E402
 torch.set_num_threads(_threads)
 
 
-def build_model(variant: str = "n", num_classes: int = 20) -> DetectionModel:
-    """A freshly initialised YOLOv8 ``DetectionModel`` from ``yolov8{variant}.yaml`` with ``num_classes`` outputs."""
-    return DetectionModel(f"yolov8{variant}.yaml", nc=num_classes, verbose=False)
+def model_name(arch: str, variant: str) -> str:
+    """``yolov8n``, ``yolo11s``, ...: Ultralytics' name of a model yaml (one-line error for an unknown one)."""
+    if arch not in ARCHS or variant not in ("n", "s", "m", "l", "x"):
+        raise VocdetError(
+            f"model.arch={arch} model.variant={variant}: arch is one of {', '.join(ARCHS)}, variant n|s|m|l|x"
+        )
+    return f"{arch}{variant}"
 
 
-def load_pretrained(model: nn.Module, weights: str | Path) -> tuple[int, int]:
+def build_model(variant: str = "n", num_classes: int = 20, arch: str = "yolov8") -> DetectionModel:
+    """A freshly initialised ``DetectionModel`` from ``<arch><variant>.yaml`` with ``num_classes`` outputs."""
+    return DetectionModel(f"{model_name(arch, variant)}.yaml", nc=num_classes, verbose=False)
+
+
+def load_pretrained(model: nn.Module, weights: str | Path, class_names: list[str] | None = None) -> tuple[int, int]:
     """Copy every shape-matching tensor of an Ultralytics ``.pt`` into ``model``; returns (matched, total).
 
     An 80-class COCO checkpoint transfers everything but the class-logit convolutions, which keep their fresh
-    initialisation for 20 classes.
+    initialisation for ``len(class_names)`` classes; those transfer only when the checkpoint's class names are
+    ``class_names`` (same count but other names: re-initialised, as a head for other classes must be).
     """
     try:
         # Ultralytics checkpoints pickle the whole model object, so weights_only=False is required here;
@@ -57,6 +69,12 @@ def load_pretrained(model: nn.Module, weights: str | Path) -> tuple[int, int]:
     src_sd = src.float().state_dict() if isinstance(src, nn.Module) else dict(src)
     dst_sd = model.state_dict()
     matched = {k: v for k, v in src_sd.items() if k in dst_sd and v.shape == dst_sd[k].shape}
+    names = getattr(src, "names", None)
+    names = list(names.values()) if isinstance(names, dict) else names
+    if class_names is not None and names is not None and list(names) != list(class_names):
+        head = len(model.model) - 1  # type: ignore[arg-type]
+        logits = re.compile(rf"model\.{head}\.(one2one_)?cv3\.\d+\.2\.")  # the class-logit convs of Detect
+        matched = {k: v for k, v in matched.items() if not logits.match(k)}
     model.load_state_dict(matched, strict=False)
     return len(matched), len(dst_sd)
 

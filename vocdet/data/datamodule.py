@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from vocdet import stopping
-from vocdet.core.voc import load_records, resolve_split
+from vocdet.core.files import write_text
+from vocdet.core.voc import class_list, has_own_split, split_records
 from vocdet.data.dataset import VOCDataset, collate
 from vocdet.data.workers import worker_context, worker_init
 from vocdet.errors import VocdetError
@@ -24,9 +25,24 @@ log = logging.getLogger("vocdet")
 class VOCDataModule(L.LightningDataModule):
     """VOC07+12 trainval -> VOC07 test by default; ``data.*`` config keys (see ``vocdet.config.DataConfig``)."""
 
-    def __init__(self, data_cfg: Any):
+    def __init__(
+        self,
+        data_cfg: Any,
+        classes: list[str] | None = None,
+        seed: int = 0,
+        val_ids: list[str] | None = None,
+        splits_dir: Path | None = None,
+    ):
+        """``classes``: the class list (default: ``data.classes``); ``seed``: draws the split of data without one;
+        ``val_ids``: exactly these images validate (a checkpoint's drawn split); ``splits_dir``: where the ids of
+        each split are written (``<run>/splits``)."""
         super().__init__()
         self.cfg = data_cfg
+        self.classes = classes if classes is not None else class_list(data_cfg.classes)
+        self.seed = seed
+        self.val_ids = val_ids
+        self.splits_dir = splits_dir
+        self.drawn_split = False  # the data had no split of its own: val_fraction of it was drawn by seed
         self.train_set: VOCDataset | None = None
         self.val_set: VOCDataset | None = None
         self._capped = False
@@ -49,10 +65,18 @@ class VOCDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         stopping.pause_at("data")
+        self.drawn_split = not has_own_split(self.cfg.root)
         if stage in ("fit", None) and self.train_set is None:
-            recs = load_records(resolve_split(self.cfg.root, self.cfg.train_sets, "train"), "train")
+            recs = split_records(self.cfg, "train", self.classes, self.seed)
+            self._write_split("train", recs)
             if not recs:
                 raise VocdetError(f"no usable training images under {self.cfg.root}")
+            if not any(len(r.labels) for r in recs):
+                raise VocdetError(
+                    f"the {len(recs)} training images under {self.cfg.root} have no objects in their XML "
+                    f"(of the classes {', '.join(self.classes[:5])}{', ...' if len(self.classes) > 5 else ''}); "
+                    "nothing to learn: check the annotations and data.classes"
+                )
             self.train_set = VOCDataset(
                 recs,
                 self.cfg.imgsz,
@@ -60,12 +84,21 @@ class VOCDataModule(L.LightningDataModule):
                 hyp=self.cfg,
                 cache=self.cfg.cache,
                 buffer_size=min(8 * self.per_device_batch(), 1000),  # Ultralytics' max_buffer_length
+                origin=self.cfg.box_origin,
             )
         if self.val_set is None:
-            recs = load_records(resolve_split(self.cfg.root, self.cfg.val_sets, "val"), "val")
+            if self.val_ids is not None:  # the images a checkpoint validated on
+                recs = split_records(self.cfg, "all", self.classes, self.seed, ids=self.val_ids)
+            else:
+                recs = split_records(self.cfg, "val", self.classes, self.seed)
+            self._write_split("val", recs)
             if not recs:
                 raise VocdetError(f"no usable validation images under {self.cfg.root}")
-            self.val_set = VOCDataset(recs, self.cfg.imgsz, augment=False)
+            self.val_set = VOCDataset(recs, self.cfg.imgsz, augment=False, origin=self.cfg.box_origin)
+
+    def _write_split(self, split: str, records: list[Any]) -> None:
+        if self.splits_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
+            write_text(self.splits_dir / f"{split}.txt", "".join(f"{r.id}\n" for r in records))
 
     def per_device_batch(self) -> int:
         world = self._world_size()

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from vocdet import stopping
 from vocdet.core.boxes import PAD_VALUE, letterbox
-from vocdet.core.voc import VOC_OFFSET, Record, xyxy_to_xywhn
+from vocdet.core.voc import Record, box_offset, xyxy_to_xywhn
 
 # ----------------------------------------------------------------------------------------------- image ops
 
@@ -158,11 +158,13 @@ class VOCDataset(Dataset):
         hyp: Any = None,
         cache: bool = False,
         buffer_size: int = 128,
+        origin: int = 1,
     ):
         # Worker processes parallelise; OpenCV's own threads would oversubscribe the cores.
         cv2.setNumThreads(0)
         self.records = records
         self.imgsz = imgsz
+        self.offset = box_offset(origin)  # the records' corners -> continuous pixel edges (data.box_origin)
         self.augment = augment
         # Plain attributes: OmegaConf's per-access validation costs ~5% of the pipeline.
         self.hyp = SimpleNamespace(**OmegaConf.to_container(hyp)) if isinstance(hyp, DictConfig) else hyp
@@ -202,7 +204,7 @@ class VOCDataset(Dataset):
         rec = self.records[i]
         keep = ~rec.difficult
         sx, sy = img.shape[1] / rec.width, img.shape[0] / rec.height  # per axis: the short side was rounded
-        boxes = (rec.boxes[keep] - VOC_OFFSET) * np.float32([sx, sy, sx, sy])
+        boxes = (rec.boxes[keep] - self.offset) * np.float32([sx, sy, sx, sy])
         return img, boxes, rec.labels[keep]
 
     def close_mosaic(self) -> None:

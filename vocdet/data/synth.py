@@ -8,13 +8,17 @@ Deterministic for a seed.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import cv2
 import numpy as np
 
 from vocdet.core.voc import VOC_CLASSES
+from vocdet.errors import VocdetError
 
+LAYOUTS = ("flat", "roboflow", "folder")
 SHAPES = ("rectangle", "ellipse", "triangle", "diamond", "cross")
 # Well separated BGR colours, so colour is learnable through Ultralytics' HSV jitter.
 COLOURS = ((40, 40, 220), (40, 200, 40), (220, 80, 30), (30, 210, 230))
@@ -77,10 +81,17 @@ def _visible_box(shape: str, box: tuple[int, int, int, int], h: int, w: int) -> 
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def _xml(image_id: str, w: int, h: int, objects: list[tuple[int, tuple[int, int, int, int], bool, bool]]) -> str:
+def _xml(
+    image_id: str,
+    w: int,
+    h: int,
+    objects: list[tuple[int, tuple[int, int, int, int], bool, bool]],
+    names: Sequence[str] = VOC_CLASSES,
+    origin: int = 1,
+) -> str:
     objs = "".join(
-        f"<object><name>{VOC_CLASSES[c]}</name><pose>Unspecified</pose><truncated>{int(t)}</truncated>"
-        f"<difficult>{int(d)}</difficult><bndbox><xmin>{b[0] + 1}</xmin><ymin>{b[1] + 1}</ymin>"
+        f"<object><name>{escape(names[c])}</name><pose>Unspecified</pose><truncated>{int(t)}</truncated>"
+        f"<difficult>{int(d)}</difficult><bndbox><xmin>{b[0] + origin}</xmin><ymin>{b[1] + origin}</ymin>"
         f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
         for c, b, t, d in objects
     )
@@ -99,20 +110,31 @@ def synthesize_voc(
     size: int = 256,
     val_fraction: float = 0.2,
     classes: int = len(VOC_CLASSES),
+    names: Sequence[str] | None = None,
+    layout: str = "flat",
+    box_origin: int = 1,
 ) -> Path:
-    """Write ``images`` JPEG + XML pairs and ``ImageSets/Main/{train,val}.txt`` under ``out``; returns ``out``.
+    """Write ``images`` JPEG + XML pairs under ``out``; returns ``out``.
 
-    Boxes follow VOC's convention: 1-based inclusive pixel corners. Objects smaller than 12 px on a side are
-    marked ``difficult`` (as VOC annotators did for tiny objects); objects cut by the border are ``truncated``.
+    ``layout``: ``flat`` (``Annotations/``, ``JPEGImages/``, ``ImageSets/Main/{train,val}.txt``), ``roboflow``
+    (``train/`` and ``valid/``, each image beside its XML) or ``folder`` (every image beside its XML, no split).
+    ``names``: the class names written (default: the first ``classes`` VOC names). Boxes follow VOC's convention,
+    1-based inclusive pixel corners, unless ``box_origin=0`` (0-based corners, as Albumentations' pascal_voc).
+    Objects smaller than 12 px on a side are marked ``difficult`` (as VOC annotators did for tiny objects);
+    objects cut by the border are ``truncated``.
     """
+    if layout not in LAYOUTS:
+        raise VocdetError(f"unknown synthetic layout '{layout}' (one of {', '.join(LAYOUTS)})")
+    names = list(names) if names is not None else list(VOC_CLASSES[:classes])
+    classes = len(names)
+    if not 1 <= classes <= len(SHAPES) * len(COLOURS):
+        raise VocdetError(f"the synthetic set draws 1 to {len(SHAPES) * len(COLOURS)} classes, not {classes}")
     out = Path(out)
-    (out / "Annotations").mkdir(parents=True, exist_ok=True)
-    (out / "JPEGImages").mkdir(parents=True, exist_ok=True)
-    (out / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+    n_val = max(1, round(images * val_fraction)) if images > 1 else 0
     rng = np.random.default_rng(seed)
     pyrng = random.Random(seed)
     ids = [f"synth_{i:06d}" for i in range(images)]
-    for image_id in ids:
+    for k, image_id in enumerate(ids):
         aspect = rng.uniform(0.75, 1.33)
         w, h = (size, int(size / aspect)) if aspect >= 1 else (int(size * aspect), size)
         img = _background(rng, h, w)
@@ -134,9 +156,17 @@ def synthesize_voc(
                     difficult = min(box[2] - box[0], box[3] - box[1]) < 12
                     objects.append((cls, box, truncated, difficult))
                     break
-        cv2.imwrite(str(out / "JPEGImages" / f"{image_id}.jpg"), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
-        (out / "Annotations" / f"{image_id}.xml").write_text(_xml(image_id, w, h, objects))
-    n_val = max(1, round(images * val_fraction)) if images > 1 else 0
-    (out / "ImageSets" / "Main" / "train.txt").write_text("\n".join(ids[n_val:]) + "\n")
-    (out / "ImageSets" / "Main" / "val.txt").write_text("\n".join(ids[:n_val]) + "\n")
+        if layout == "flat":
+            jpg, xml = out / "JPEGImages" / f"{image_id}.jpg", out / "Annotations" / f"{image_id}.xml"
+        else:
+            folder = out if layout == "folder" else out / ("valid" if k < n_val else "train")
+            jpg, xml = folder / f"{image_id}.jpg", folder / f"{image_id}.xml"
+        jpg.parent.mkdir(parents=True, exist_ok=True)
+        xml.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(jpg), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        xml.write_text(_xml(image_id, w, h, objects, names, box_origin), encoding="utf-8")
+    if layout == "flat":
+        (out / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+        (out / "ImageSets" / "Main" / "train.txt").write_text("\n".join(ids[n_val:]) + "\n")
+        (out / "ImageSets" / "Main" / "val.txt").write_text("\n".join(ids[:n_val]) + "\n")
     return out

@@ -87,6 +87,11 @@ class Detector:
             else "fp32"
         )
 
+    @property
+    def box_origin(self) -> int:
+        """The training data's corner convention (``data.box_origin``): the frame of detections JSON boxes."""
+        return int(self.metadata.get("box_origin", 1))
+
     def __repr__(self) -> str:
         kind = type(self.backend).__name__.strip("_").replace("Backend", "").lower()
         return f"Detector({kind}, {self.source!r}, imgsz={self.imgsz}, classes={len(self.class_names)})"
@@ -149,7 +154,10 @@ class Detector:
             max_det=cfg.predict.max_det,
             batch_size=cfg.predict.batch_size,
             source=source,
-            metadata={k: v for k, v in meta.items() if k != "config"},
+            metadata={
+                **{k: v for k, v in meta.items() if k != "config"},
+                "box_origin": int(cfg.data.get("box_origin", 1)),
+            },
         )
 
     def with_backend(self, backend: Callable[[np.ndarray], Any], source: str = "") -> Detector:

@@ -277,7 +277,8 @@ def _metadata(ckpt: dict[str, Any], cfg: DictConfig, out: Path) -> dict[str, Any
         "ultralytics_version": ultralytics.__version__,
         "torch_version": torch.__version__.split("+")[0],
         "config_hash": hashlib.sha256(config_json.encode()).hexdigest()[:16],
-        "model": f"yolov8{cfg.model.variant}",
+        "model": f"{cfg.model.arch}{cfg.model.variant}",
+        "box_origin": int(cfg.data.box_origin),
         "exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -67,7 +67,7 @@ def predict_files(
                     tqdm.write(f"skipped: {e}")
             results = detector.infer([detector.prepare(im) for im in images], conf, iou, max_det)
             for p, img, dets in zip(chunk, images, results):
-                preds[ids[p]] = detections_to_predictions(dets)
+                preds[ids[p]] = detections_to_predictions(dets, detector.box_origin)
                 n_dets += len(dets)
                 if save_images:
                     plot(img, dets).save(staging / f"{ids[p]}.jpg", quality=90)

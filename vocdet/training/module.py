@@ -26,7 +26,7 @@ from vocdet.config import from_dict, run_sections
 from vocdet.core.boxes import non_max_suppression, unletterbox_boxes
 from vocdet.core.checkpoint import checkpoint_meta
 from vocdet.core.metrics import GroundTruth, Predictions, evaluate_detections, fitness
-from vocdet.core.voc import VOC_CLASSES, VOC_OFFSET
+from vocdet.core.voc import box_offset, class_list
 from vocdet.core.yolo import build_loss, build_model
 from vocdet.errors import VocdetError
 
@@ -69,8 +69,9 @@ class DetectionModule(L.LightningModule):
         config = run_sections(config)  # what a checkpoint may carry: never serve.* (its admin token) or logging.*
         self.save_hyperparameters({"config": config})
         self.cfg = from_dict(config)
-        self.class_names = list(VOC_CLASSES)
-        self.model = build_model(self.cfg.model.variant, len(self.class_names))
+        self.class_names = class_list(self.cfg.data.classes)  # `vocdet train` resolved `auto` to a list
+        self.box_offset = box_offset(self.cfg.data.box_origin)
+        self.model = build_model(self.cfg.model.variant, len(self.class_names), self.cfg.model.arch)
         self.ema_model: nn.Module | None = None
         if self.cfg.train.ema:
             self.ema_model = deepcopy(self.model).eval()
@@ -261,7 +262,7 @@ class DetectionModule(L.LightningModule):
         for det, image_id, (h, w), ratio, pad, gt in zip(
             dets, batch["ids"], batch["orig_size"], batch["ratio"], batch["pad"], batch["gt"]
         ):
-            boxes = unletterbox_boxes(det[:, :4].cpu().numpy(), ratio, pad, w, h) + VOC_OFFSET
+            boxes = unletterbox_boxes(det[:, :4].cpu().numpy(), ratio, pad, w, h) + self.box_offset
             self._val_preds[image_id] = Predictions(
                 boxes=boxes, scores=det[:, 4].cpu().numpy(), labels=det[:, 5].cpu().numpy().astype(np.int64)
             )
@@ -303,6 +304,9 @@ class DetectionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["vocdet"] = checkpoint_meta(self.hparams["config"], self.class_names, self.cfg.data.imgsz)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(datamodule, "drawn_split", False) and datamodule.val_set is not None:
+            checkpoint["vocdet"]["val_ids"] = sorted(r.id for r in datamodule.val_set.records)  # for vocdet eval
         from lightning.pytorch.loggers import WandbLogger
 
         for logger in self.trainer.loggers if self._trainer is not None else []:

@@ -114,30 +114,36 @@ def write_confusion_matrix(
     return path.rename(out / "confusion_matrix.png")
 
 
-def image_pixels(boxes: np.ndarray) -> np.ndarray:
-    """(N, 4) boxes in VOC XML corners (1-based) -> continuous image pixels, as images are drawn."""
-    from vocdet.core.voc import VOC_OFFSET
+def image_pixels(boxes: np.ndarray, origin: int = 1) -> np.ndarray:
+    """(N, 4) boxes in the dataset's XML corners (``data.box_origin``) -> continuous image pixels, as images are
+    drawn."""
+    from vocdet.core.voc import box_offset
 
-    return np.asarray(boxes, np.float32).reshape(-1, 4) - VOC_OFFSET
+    return np.asarray(boxes, np.float32).reshape(-1, 4) - box_offset(origin)
 
 
-def displayed(pred: Predictions | None) -> Predictions:
+def displayed(pred: Predictions | None, origin: int = 1) -> Predictions:
     """The predictions reports show (the plots here, W&B's validation images): score >= ``PLOT_CONF``, boxes in
     image pixels."""
     if pred is None:
         return Predictions(np.zeros((0, 4), np.float32), np.zeros(0), np.zeros(0, np.int64))
     keep = np.asarray(pred.scores) >= PLOT_CONF
-    return Predictions(image_pixels(pred.boxes)[keep], np.asarray(pred.scores)[keep], np.asarray(pred.labels)[keep])
+    boxes = image_pixels(pred.boxes, origin)[keep]
+    return Predictions(boxes, np.asarray(pred.scores)[keep], np.asarray(pred.labels)[keep])
 
 
 def draw_ground_truth_and_predictions(
-    image: np.ndarray, gt: GroundTruth | None, pred: Predictions | None, class_names: Sequence[str]
+    image: np.ndarray,
+    gt: GroundTruth | None,
+    pred: Predictions | None,
+    class_names: Sequence[str],
+    origin: int = 1,
 ) -> Image.Image:
     """RGB image with true boxes (white, thin) under the predictions above ``PLOT_CONF`` (class colours, labelled)."""
     from vocdet.core.detections import Detection
     from vocdet.core.draw import plot
 
-    shown = displayed(pred)
+    shown = displayed(pred, origin)
     dets = [
         Detection(tuple(map(float, b)), float(s), int(c), class_names[int(c)])  # type: ignore[arg-type]
         for b, s, c in zip(shown.boxes, shown.scores, shown.labels)
@@ -146,7 +152,7 @@ def draw_ground_truth_and_predictions(
     if gt is not None:
         draw = ImageDraw.Draw(canvas)
         lw = max(round(sum(canvas.size) / 2 * 0.002), 1)
-        for x1, y1, x2, y2 in image_pixels(gt.boxes).tolist():
+        for x1, y1, x2, y2 in image_pixels(gt.boxes, origin).tolist():
             draw.rectangle((x1 - lw, y1 - lw, x2 + lw, y2 + lw), outline=(255, 255, 255), width=lw)
     return plot(canvas, dets)
 
@@ -158,6 +164,7 @@ def write_prediction_grid(
     class_names: Sequence[str],
     out: Path,
     n: int = GRID_IMAGES,
+    origin: int = 1,
 ) -> Path:
     """A 4-wide grid of the first ``n`` validation images (sorted ids): true boxes white, predictions coloured."""
     from vocdet.core.images import read_image
@@ -168,7 +175,7 @@ def write_prediction_grid(
     grid = Image.new("RGB", (cols * GRID_TILE, rows * GRID_TILE), (114, 114, 114))
     for i, image_id in enumerate(ids):
         tile = draw_ground_truth_and_predictions(
-            read_image(images[image_id]), gts.get(image_id), preds.get(image_id), class_names
+            read_image(images[image_id]), gts.get(image_id), preds.get(image_id), class_names, origin
         )
         tile.thumbnail((GRID_TILE - 4, GRID_TILE - 4))
         x, y = (i % cols) * GRID_TILE, (i // cols) * GRID_TILE
@@ -185,13 +192,15 @@ def write_plots(
     images: Mapping[str, str],
     class_names: Sequence[str],
     out: str | Path,
+    origin: int = 1,
 ) -> list[Path]:
-    """Every report into ``out``; returns the files written. ``result`` is ``evaluate_detections(..., curves=True)``."""
+    """Every report into ``out``; returns the files written. ``result`` is ``evaluate_detections(..., curves=True)``;
+    boxes are in the dataset's corners (``data.box_origin``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [*write_pr_curve(result["pr_curve"], result, out), write_per_class_ap(result, out)]
     written.append(write_confusion_matrix(gts, preds, class_names, out))
-    written.append(write_prediction_grid(images, gts, preds, class_names, out))
+    written.append(write_prediction_grid(images, gts, preds, class_names, out, origin=origin))
     log.info("plots: %s", out)
     return written
 

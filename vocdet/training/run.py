@@ -20,7 +20,7 @@ from vocdet.core.checkpoint import load_checkpoint
 from vocdet.core.detections import read_detections, write_detections
 from vocdet.core.files import staged_dir, write_json, write_text
 from vocdet.core.metrics import HEADLINE, GroundTruth, Predictions, evaluate_detections, format_table
-from vocdet.core.voc import VOC_CLASSES, load_records, require_root, resolve_split
+from vocdet.core.voc import VOC_CLASSES, class_list, layout, resolve_split, split_records
 from vocdet.core.yolo import load_pretrained
 from vocdet.data.datamodule import VOCDataModule
 from vocdet.errors import TrainingStopped, VocdetError
@@ -58,9 +58,9 @@ def resolve_run(cfg: DictConfig) -> DictConfig:
 
 def train(cfg: DictConfig) -> Path:
     """Train, then evaluate the best checkpoint; writes ``<run>/metrics.json`` and returns the best checkpoint."""
-    if not cfg.data.synthesize:
-        require_root(cfg.data.root)  # fail before any logger starts
-    cfg = resolve_run(cfg)
+    if not cfg.data.synthesize or Path(cfg.data.root).exists():
+        layout(cfg.data.root)  # fail before any logger starts: no folder, no VOC XML
+    cfg = resolve_classes(resolve_run(cfg))
     launcher = _RUN_NAME_ENV not in os.environ
     os.environ[_RUN_NAME_ENV] = cfg.run.name
     try:
@@ -68,6 +68,25 @@ def train(cfg: DictConfig) -> Path:
     finally:
         if launcher:  # a notebook's next train() call picks its own directory again
             os.environ.pop(_RUN_NAME_ENV, None)
+
+
+def resolve_classes(cfg: DictConfig) -> DictConfig:
+    """``data.classes=auto`` becomes the sorted class names of the training split (printed, and stored in the run's
+    config and checkpoint); ``voc`` and lists are checked and kept as they are."""
+    setting = cfg.data.classes
+    if setting != "auto":
+        class_list(setting if isinstance(setting, str) else list(setting))  # one-line errors: duplicates, empties
+        return cfg
+    if cfg.data.synthesize and not Path(cfg.data.root).exists():
+        names = list(VOC_CLASSES)  # the synthetic set is drawn with VOC's names
+    else:
+        d = cfg.data
+        names = class_list(
+            "auto", resolve_split(d.root, d.train_sets, "train", val_fraction=d.val_fraction, seed=cfg.run.seed)
+        )
+    if rank_zero_only.rank == 0:
+        print(f"data.classes=auto: {len(names)} classes in the training split: {', '.join(names)}")
+    return load_config(None, [], base={**to_dict(cfg), "data": {**to_dict(cfg)["data"], "classes": names}})
 
 
 def _resume_point(cfg: DictConfig) -> tuple[Path | None, str | None]:
@@ -83,10 +102,16 @@ def _resume_point(cfg: DictConfig) -> tuple[Path | None, str | None]:
         )
     ckpt = load_checkpoint(last)
     saved = ckpt["vocdet"]["config"]
-    if saved["model"]["variant"] != cfg.model.variant:
+    held = f"{saved['model'].get('arch', 'yolov8')}{saved['model']['variant']}"
+    if held != f"{cfg.model.arch}{cfg.model.variant}":
         raise VocdetError(
-            f"{last} holds a yolov8{saved['model']['variant']}, the config asks for yolov8{cfg.model.variant}: "
+            f"{last} holds a {held}, the config asks for {cfg.model.arch}{cfg.model.variant}: "
             "resume with the run's own config (its config.yaml)"
+        )
+    if list(ckpt["vocdet"]["class_names"]) != class_list(cfg.data.classes):
+        raise VocdetError(
+            f"{last} was trained for the classes {', '.join(ckpt['vocdet']['class_names'])}, the config gives "
+            f"{', '.join(class_list(cfg.data.classes))}: resume with the run's own config (its config.yaml)"
         )
     return last, ckpt["vocdet"].get("wandb_id")
 
@@ -99,10 +124,10 @@ def _train(cfg: DictConfig) -> Path:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     if rank_zero_only.rank == 0:
         write_text(out / "config.yaml", run_yaml(cfg))
-    datamodule = VOCDataModule(cfg.data)
     module = DetectionModule(to_dict(cfg))
+    datamodule = VOCDataModule(cfg.data, module.class_names, seed=cfg.run.seed, splits_dir=out / "splits")
     if cfg.model.weights:
-        matched, total = load_pretrained(module.model, cfg.model.weights)
+        matched, total = load_pretrained(module.model, cfg.model.weights, module.class_names)
         if module.ema_model is not None:
             module.ema_model.load_state_dict(module.model.state_dict())
         log.info("transferred %d/%d tensors from %s", matched, total, cfg.model.weights)
@@ -197,7 +222,10 @@ def evaluate(
         module = DetectionModule(to_dict(cfg))
         module.load_state_dict(ckpt["state_dict"])
         trainer = build_trainer(cfg, None, evaluating=True)
-        datamodule = VOCDataModule(cfg.data)
+        # A split drawn at training (data without one of its own) is scored on the same images, on the same data.
+        same_data = str(cfg.data.root) == str(ckpt["vocdet"]["config"]["data"]["root"])
+        val_ids = ckpt["vocdet"].get("val_ids") if same_data else None
+        datamodule = VOCDataModule(cfg.data, module.class_names, seed=cfg.run.seed, val_ids=val_ids)
         trainer.validate(module, datamodule=datamodule, verbose=False)
         stopping.check()  # a signal during validation: nothing is written
         return _module_report(
@@ -211,13 +239,16 @@ def evaluate(
             summary=summary,
         )
     cfg = load_config(config_files, overrides)
-    records = load_records(resolve_split(cfg.data.root, cfg.data.val_sets, "val"), "val")
+    d = cfg.data
+    pairs = resolve_split(d.root, d.train_sets, "train", val_fraction=d.val_fraction, seed=cfg.run.seed)
+    classes = class_list(cfg.data.classes, pairs if cfg.data.classes == "auto" else None)
+    records = split_records(cfg.data, "val", classes, cfg.run.seed)
     gts = {r.id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}
-    preds = read_detections(detections, set(gts))  # type: ignore[arg-type]
-    result = evaluate_detections(gts, preds, list(VOC_CLASSES), curves=True)
+    preds = read_detections(detections, set(gts), classes)  # type: ignore[arg-type]
+    result = evaluate_detections(gts, preds, classes, curves=True)
     result["image_ids"] = sorted(gts)
     images = {r.id: r.image for r in records}
-    return _report(result, gts, preds, images, list(VOC_CLASSES), cfg, output=output, plots=plots, summary=summary)
+    return _report(result, gts, preds, images, classes, cfg, output=output, plots=plots, summary=summary)
 
 
 def _module_report(
@@ -250,7 +281,7 @@ def _report(
         from vocdet.training.plots import write_plots
 
         with staged_dir(plots) as staging:  # an interrupted report leaves no half-written plots folder
-            write_plots(result, gts, preds, images, class_names, staging)
+            write_plots(result, gts, preds, images, class_names, staging, origin=cfg.data.box_origin)
     result.pop("pr_curve", None)  # in plots/pr_curve.csv; the metrics JSON stays a summary
     result["data_root"] = str(cfg.data.root)
     write_json(output, result)

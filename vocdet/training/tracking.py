@@ -88,10 +88,12 @@ class ValidationImages(L.Callback):
             pred = pl_module.last_predictions.get(image_id)
             boxes = {}
             if pred is not None:
-                shown = displayed(pred)
+                shown = displayed(pred, pl_module.cfg.data.box_origin)
                 boxes["predictions"] = boxes_payload(shown.boxes, shown.labels, shown.scores, names, scale)
             if gt is not None:
-                boxes["ground_truth"] = boxes_payload(image_pixels(gt.boxes), gt.labels, None, names, scale)
+                boxes["ground_truth"] = boxes_payload(
+                    image_pixels(gt.boxes, pl_module.cfg.data.box_origin), gt.labels, None, names, scale
+                )
             images.append(wandb.Image(img, boxes=boxes, caption=image_id))
         self.logger.experiment.log({"val/predictions": images, "trainer/global_step": trainer.global_step})
 
