@@ -77,6 +77,8 @@ def test_flat_folder_with_split_files(tmp_path: Path) -> None:
     assert layout(root) == "flat" and has_own_split(root)
     assert resolve_split(root, [], "train") == [(root, "a"), (root, "b")]  # VOC2007's names: trainval/test
     assert resolve_split(root, [], "val") == [(root, "c")]
+    (root / "ImageSets" / "Main" / "test.txt").unlink()  # only the training list: validation is the rest
+    assert resolve_split(root, [], "val") == [(root, "c")]
     (root / "ImageSets" / "Main" / "train.txt").write_text("b\n")  # VOC2012's names win: train/val
     (root / "ImageSets" / "Main" / "val.txt").write_text("a\n")
     assert resolve_split(root, [], "train") == [(root, "b")] and resolve_split(root, [], "val") == [(root, "a")]

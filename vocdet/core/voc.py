@@ -172,11 +172,14 @@ def resolve_split(
         return _devkit_split(root, sets, split)
     if kind == "flat":
         main = root / "ImageSets" / "Main"
-        for name in SPLIT_FILES.get(split, (split,)):
-            if (main / f"{name}.txt").is_file():
-                return [(root, i) for i in _read_ids(main / f"{name}.txt")]
+        if listed := _split_file(main, split):
+            return [(root, i) for i in _read_ids(listed)]
         default = main / "default.txt"  # CVAT: one list of every image, no split
         ids = _read_ids(default) if default.is_file() else sorted(p.stem for p in (root / "Annotations").glob("*.xml"))
+        other = _split_file(main, {"train": "val", "val": "train"}.get(split, ""))
+        if other is not None:  # only the other split is listed: this one is the rest
+            taken = set(_read_ids(other))
+            return [(root, i) for i in ids if i not in taken]
         return [(root, i) for i in split_pool(ids, split, val_fraction, seed, root)]
     if kind == "folders":
         train = root / "train"
@@ -190,6 +193,14 @@ def resolve_split(
         return [(folders[0], p.stem) for p in sorted(folders[0].glob("*.xml"))]
     ids = [p.stem for p in sorted(root.glob("*.xml"))]
     return [(root, i) for i in split_pool(ids, split, val_fraction, seed, root)]
+
+
+def _split_file(main: Path, split: str) -> Path | None:
+    """The ``ImageSets/Main`` file that lists ``split`` (see :data:`SPLIT_FILES`), if there is one."""
+    for name in SPLIT_FILES.get(split, (split,)) if split else ():
+        if (main / f"{name}.txt").is_file():
+            return main / f"{name}.txt"
+    return None
 
 
 def has_own_split(root: str | Path) -> bool:
