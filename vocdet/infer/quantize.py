@@ -27,7 +27,7 @@ import numpy as np
 from vocdet.core.detections import detections_to_predictions
 from vocdet.core.images import find_images, read_image
 from vocdet.core.metrics import GroundTruth, evaluate_detections
-from vocdet.core.voc import load_records, resolve_split
+from vocdet.core.voc import class_list, split_records
 from vocdet.errors import VocdetError
 from vocdet.infer.detector import Detector, stack
 
@@ -72,7 +72,7 @@ def calibration_images(cfg: Any) -> tuple[list[np.ndarray], str, int]:
         source = str(e.calib_source)
     else:
         try:
-            records = load_records(resolve_split(cfg.data.root, cfg.data.train_sets, "train"), "train")
+            records = split_records(cfg.data, "train", class_list(cfg.data.classes), cfg.run.seed)
         except VocdetError as err:
             raise VocdetError(f"int8 calibration reads the training split: {err}") from None
         paths = [Path(r.image) for r in _evenly(records, e.calib_images)]
@@ -155,13 +155,15 @@ def _quiet_quantizer() -> Iterator[None]:
 
 def score(detector: Detector, cfg: Any, limit: int) -> tuple[dict[str, float], int]:
     """vocdet's mAP of ``detector`` on up to ``limit`` validation images (evenly spread), at the eval thresholds."""
-    records = _evenly(load_records(resolve_split(cfg.data.root, cfg.data.val_sets, "val"), "val"), limit)
+    records = _evenly(split_records(cfg.data, "val", detector.class_names, cfg.run.seed), limit)
     if not records:
         raise VocdetError(f"the int8 accuracy gate needs validation images; none found under {cfg.data.root}")
     gts = {r.id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}
     conf = max(cfg.eval.conf, detector.conf) if detector.nms_in_graph else cfg.eval.conf
     preds = {
-        r.id: detections_to_predictions(detector.predict(read_image(r.image), conf=conf, iou=detector.iou)[0])
+        r.id: detections_to_predictions(
+            detector.predict(read_image(r.image), conf=conf, iou=detector.iou)[0], detector.box_origin
+        )
         for r in records
     }
     result = evaluate_detections(gts, preds, detector.class_names)
