@@ -141,7 +141,9 @@ def test_eval_detections_on_real_sample_matches_pycocotools(sample_root: Path, t
     dets = tmp_path / "dets.json"
     dets.write_text(json.dumps(rows))
     out = tmp_path / "m.json"
-    proc = run_cli("eval", "--detections", str(dets), "--output", str(out), f"data.root={sample_root}")
+    proc = run_cli(
+        "eval", "--detections", str(dets), "--output", str(out), f"data.root={sample_root}", "data.val_fraction=0"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = json.loads(out.read_text())
     gts, preds = load_sample()
@@ -175,9 +177,9 @@ def test_ddp_two_cpu_processes(synth_root: Path, tmp_path: Path) -> None:
 
 
 def test_real_sample_train_then_eval(sample_root: Path, tmp_path: Path) -> None:
-    proc = run_cli("train", *tiny_overrides(sample_root, tmp_path, "real"))
+    proc = run_cli("train", *tiny_overrides(sample_root, tmp_path, "real"), "data.val_fraction=0")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "using every annotated image" in proc.stderr  # flat root without train/val split files
+    assert "no split of its own and data.val_fraction=0: validation scores the training images" in proc.stderr
     metrics = json.loads((tmp_path / "real" / "metrics.json").read_text())
     assert len(metrics["image_ids"]) == 100
     per = metrics["per_class"]

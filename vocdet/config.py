@@ -81,7 +81,9 @@ class DataConfig:
     )
     unknown_classes: str = opt("error", "objects whose class is not in data.classes: error (one line) or ignore")
     box_origin: int = opt(1, "1: the VOC devkit's 1-based corners (LabelImg, CVAT); 0: 0-based (Albumentations)")
-    val_fraction: float = opt(0.2, "data without a split of its own: share held out for validation, by run.seed")
+    val_fraction: float = opt(
+        0.2, "data without a split of its own: share held out for validation, by run.seed (0: none)"
+    )
     imgsz: int = opt(640, "square training/validation size in pixels, a multiple of 32 (the network stride)")
     batch_size: int = opt(64, "global batch, split across devices")
     num_workers: int = opt(8, "dataloader workers per device")

@@ -32,7 +32,9 @@ def to_yolo(voc_root: Path, out: Path) -> Path:
     for split in ("train", "val"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         (out / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for r in load_records(resolve_split(voc_root, [], split), split):
+        # val_fraction=0: data without a split of its own (the VOC sample) trains and validates on all of it, on
+        # both sides (vocdet's side gets data.val_fraction=0), as the published figures did.
+        for r in load_records(resolve_split(voc_root, [], split, val_fraction=0), split):
             link = out / "images" / split / f"{r.id}.jpg"
             if not link.exists():
                 link.symlink_to(Path(r.image).resolve())

@@ -155,7 +155,7 @@ def variants(checkpoint: Path, out: Path) -> dict[str, Detector]:
 
 def accuracy(checkpoint: Path, detectors: dict[str, Detector], root: Path | None = None) -> dict[str, float]:
     """mAP50 (vocdet's metric, conf 0.001) of each detector at the checkpoint's training image size, on the
-    checkpoint's validation split or on ``root``."""
+    checkpoint's validation split or on every image under ``root``."""
     from vocdet.config import load_config
     from vocdet.core.checkpoint import load_checkpoint
     from vocdet.infer import quantize
@@ -165,7 +165,7 @@ def accuracy(checkpoint: Path, detectors: dict[str, Detector], root: Path | None
     out: dict[str, float] = {}
     for name, det in detectors.items():
         size, det.imgsz = det.imgsz, int(base["data"]["imgsz"])
-        out[name] = quantize.score(det, cfg, 500)[0]["map50"]
+        out[name] = quantize.score(det, cfg, 500, split="all" if root else "val")[0]["map50"]
         det.imgsz = size
     return out
 

@@ -60,6 +60,7 @@ def vocdet_overrides(
     """The race's settings as ``vocdet train`` overrides (run in ``run_dir / name``)."""
     return [
         f"data.root={voc_root}",
+        "data.val_fraction=0",  # as the Ultralytics side's copy (common.voc_to_yolo)
         f"data.imgsz={s.imgsz}",
         f"data.batch_size={s.batch}",
         f"data.num_workers={s.workers}",
@@ -251,7 +252,9 @@ def dataloader_speed(voc_root: Path, data_yaml: Path, s: argparse.Namespace) -> 
     random.seed(0)
     np.random.seed(0)
     cfg = load_config(None, [f"data.root={voc_root}", f"data.imgsz={s.imgsz}"])
-    ds = VOCDataset(load_records(resolve_split(voc_root, [], "train"), "train"), s.imgsz, augment=True, hyp=cfg.data)
+    ds = VOCDataset(
+        load_records(resolve_split(voc_root, [], "train", val_fraction=0), "train"), s.imgsz, augment=True, hyp=cfg.data
+    )
     ours = endless(DataLoader(ds, batch_size=s.batch, shuffle=True, num_workers=0, collate_fn=collate))
 
     from ultralytics.cfg import get_cfg

@@ -241,12 +241,17 @@ _warned_origin: list[bool] = []
 def split_pool(ids: Sequence[str], split: str, val_fraction: float, seed: int, where: Path) -> list[str]:
     """``ids`` (data without a split of its own) divided deterministically: ``round(val_fraction * n)`` of them
     (at least 1 when there are 2 or more) drawn by ``seed`` for ``val``, the rest for ``train``, each in id order;
-    any other split name gets them all."""
+    any other split name, or ``val_fraction=0`` (validation scores the training images), gets them all."""
     ids = sorted(ids)
     if split not in ("train", "val"):
         return ids
     if not 0 <= val_fraction < 1:
         raise VocdetError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+    if val_fraction == 0:
+        if (str(where), 0.0, 0) not in _announced:
+            _announced.add((str(where), 0.0, 0))
+            log.info("%s has no split of its own and data.val_fraction=0: validation scores the training images", where)
+        return ids
     n_val = min(max(round(val_fraction * len(ids)), int(val_fraction > 0 and len(ids) > 1)), len(ids) - 1)
     val = set(np.random.default_rng(seed).permutation(len(ids))[: max(n_val, 0)].tolist())
     key = (str(where), val_fraction, seed)

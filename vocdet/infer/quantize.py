@@ -153,9 +153,10 @@ def _quiet_quantizer() -> Iterator[None]:
         root.removeFilter(drop)
 
 
-def score(detector: Detector, cfg: Any, limit: int) -> tuple[dict[str, float], int]:
-    """vocdet's mAP of ``detector`` on up to ``limit`` validation images (evenly spread), at the eval thresholds."""
-    records = _evenly(split_records(cfg.data, "val", detector.class_names, cfg.run.seed), limit)
+def score(detector: Detector, cfg: Any, limit: int, split: str = "val") -> tuple[dict[str, float], int]:
+    """vocdet's mAP of ``detector`` on up to ``limit`` images of ``split`` (evenly spread; ``all``: every image of data
+    without a split of its own), at the eval thresholds."""
+    records = _evenly(split_records(cfg.data, split, detector.class_names, cfg.run.seed), limit)
     if not records:
         raise VocdetError(f"the int8 accuracy gate needs validation images; none found under {cfg.data.root}")
     gts = {r.id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}
