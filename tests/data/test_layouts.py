@@ -97,6 +97,9 @@ def test_cvat_export_default_txt_gets_a_drawn_split(tmp_path: Path) -> None:
     val = resolve_split(root, [], "val", val_fraction=0.2, seed=0)
     assert len(val) == 2 and len(train) == 7 and sorted(i for _, i in train + val) == ids[:9]
     assert len(load_records(train, "train")) == 7
+    # val_fraction=0: nothing held out, validation scores the training images
+    assert resolve_split(root, [], "val", val_fraction=0, seed=0) == resolve_split(root, [], "train", val_fraction=0)
+    assert len(resolve_split(root, [], "val", val_fraction=0, seed=0)) == 9
 
 
 def test_devkit(tmp_path: Path) -> None:
