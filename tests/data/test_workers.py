@@ -36,6 +36,7 @@ def test_shared_images_are_read_only_views_and_pickle_as_a_handle() -> None:
     assert len(ForkingPickler.dumps(shared)) < 10_000  # a handle to the buffer, not its bytes
 
 
+@pytest.mark.slow  # starts processes
 def test_workers_come_from_a_fork_server_with_stop_signals_kept_out(synth_root: Path, tmp_path: Path) -> None:
     # A script without an ``if __name__ == "__main__":`` guard, as notebooks-turned-scripts are: workers must not
     # run it again.
@@ -90,6 +91,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited (its new parent reaps it)
 
 
+@pytest.mark.slow  # starts processes
 def test_workers_and_server_exit_when_the_trainer_is_killed(synth_root: Path, tmp_path: Path) -> None:
     """A hard exit of the training process (SIGKILL, the stop watchdog's os._exit) leaves no worker or server."""
     script = tmp_path / "killed.py"
