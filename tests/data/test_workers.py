@@ -36,38 +36,47 @@ def test_shared_images_are_read_only_views_and_pickle_as_a_handle() -> None:
     assert len(ForkingPickler.dumps(shared)) < 10_000  # a handle to the buffer, not its bytes
 
 
+def _loader_script(path: Path, root: Path, overrides: str, body: str) -> Path:
+    """A script (no ``if __name__ == "__main__":`` guard, as notebooks-turned-scripts are) that builds vocdet's
+    training loader on ``root`` with 2 workers and runs ``body``."""
+    preamble = f"""
+        import os
+        import time
+        import vocdet
+        from vocdet.data.datamodule import VOCDataModule
+
+        cfg = vocdet.load_config(None, ["data.root={root}", "data.imgsz=64", "data.batch_size=4",
+                                        "data.num_workers=2"{overrides}])
+        dm = VOCDataModule(cfg.data)
+        dm.setup("fit")
+        """
+    path.write_text(textwrap.dedent(preamble) + textwrap.dedent(body))
+    return path
+
+
 @pytest.mark.slow  # starts processes
 def test_workers_come_from_a_fork_server_with_stop_signals_kept_out(synth_root: Path, tmp_path: Path) -> None:
     # A script without an ``if __name__ == "__main__":`` guard, as notebooks-turned-scripts are: workers must not
     # run it again.
-    script = tmp_path / "loader.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import os
-            import vocdet
-            from vocdet.data.datamodule import VOCDataModule
+    script = _loader_script(
+        tmp_path / "loader.py",
+        synth_root,
+        ', "data.cache=true"',
+        """
+        def status(pid, key):
+            line = next(l for l in open(f"/proc/{pid}/status") if l.startswith(key + ":"))
+            return int(line.split()[1], 16)
 
-            def status(pid, key):
-                line = next(l for l in open(f"/proc/{{pid}}/status") if l.startswith(key + ":"))
-                return int(line.split()[1], 16)
-
-            cfg = vocdet.load_config(None, ["data.root={synth_root}", "data.imgsz=64", "data.batch_size=4",
-                                            "data.num_workers=2", "data.cache=true"])
-            dm = VOCDataModule(cfg.data)
-            dm.setup("fit")
-            loader = dm.train_dataloader()
-            it = iter(loader)
-            batches = [next(it) for _ in range(3)]
-            assert all(b["img"].shape == (4, 3, 64, 64) for b in batches)
-            for w in it._workers:
-                server = int(open(f"/proc/{{w.pid}}/stat").read().rsplit(")", 1)[1].split()[1])
-                print("worker", w.pid, "parent", server, "blocked", status(w.pid, "SigBlk"),
-                      "server-ignores", status(server, "SigIgn"))
-            it._shutdown_workers()
-            print("main", os.getpid())
-            """
-        )
+        it = iter(dm.train_dataloader())
+        batches = [next(it) for _ in range(3)]
+        assert all(b["img"].shape == (4, 3, 64, 64) for b in batches)
+        for w in it._workers:
+            server = int(open(f"/proc/{w.pid}/stat").read().rsplit(")", 1)[1].split()[1])
+            print("worker", w.pid, "parent", server, "blocked", status(w.pid, "SigBlk"),
+                  "server-ignores", status(server, "SigIgn"))
+        it._shutdown_workers()
+        print("main", os.getpid())
+        """,
     )
     proc = subprocess.run(
         [sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=180, check=False
@@ -94,25 +103,17 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow  # starts processes
 def test_workers_and_server_exit_when_the_trainer_is_killed(synth_root: Path, tmp_path: Path) -> None:
     """A hard exit of the training process (SIGKILL, the stop watchdog's os._exit) leaves no worker or server."""
-    script = tmp_path / "killed.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import time
-            import vocdet
-            from vocdet.data.datamodule import VOCDataModule
-
-            cfg = vocdet.load_config(None, ["data.root={synth_root}", "data.imgsz=64", "data.batch_size=4",
-                                            "data.num_workers=2"])
-            dm = VOCDataModule(cfg.data)
-            dm.setup("fit")
-            it = iter(dm.train_dataloader())
-            next(it)
-            server = int(open(f"/proc/{{it._workers[0].pid}}/stat").read().rsplit(")", 1)[1].split()[1])
-            print(server, *(w.pid for w in it._workers), flush=True)
-            time.sleep(120)
-            """
-        )
+    script = _loader_script(
+        tmp_path / "killed.py",
+        synth_root,
+        "",
+        """
+        it = iter(dm.train_dataloader())
+        next(it)
+        server = int(open(f"/proc/{it._workers[0].pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        print(server, *(w.pid for w in it._workers), flush=True)
+        time.sleep(120)
+        """,
     )
     proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
