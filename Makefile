@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vocdet-installed
 
-.PHONY: setup browser train repro test test-fast bench bench-fidelity bench-steps bench-predict serve loadtest soak docker-build lint format clean
+.PHONY: setup browser promtool train repro test test-fast bench bench-fidelity bench-steps bench-predict serve loadtest soak docker-build lint format clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
 
+## Debian's prometheus package for promtool (the alert-rule tests); like `browser`, apt-get when missing.
+promtool:
+	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
 ## The test suite (CPU, no network beyond loopback) with coverage.
-test: setup browser
+test: setup browser promtool
 	$(BIN)/python -m pytest --cov=vocdet --cov-report=term-missing:skip-covered
 
 ## Every test that neither trains a model nor starts a process (about a minute; `make test` runs everything).

@@ -253,6 +253,43 @@ def serve(
     run_serve(cfg, models)
 
 
+@app.command()
+def robustness(
+    checkpoint: Annotated[Optional[Path], typer.Option(help="vocdet checkpoint to test.")] = None,  # noqa: UP045
+    onnx: Annotated[Optional[Path], typer.Option(help="Or an export (needs data.root=...).")] = None,  # noqa: UP045
+    corruptions: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Comma-separated: brightness,dark,contrast,blur,noise,jpeg,saturate (robustness.corruptions)."
+        ),
+    ] = None,
+    severities: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="'1-5' or '1,3,5' (robustness.severities)."),
+    ] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Report folder (default: the run's plots/).")] = None,  # noqa: UP045
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Score a model on the validation split under ImageNet-C-style corruptions at each severity: mAP50, mAP50-95
+    and the drift alarm vocdet serve would raise; writes robustness.json/.csv/.png and logs them to W&B."""
+    from vocdet.infer.robustness import format_rows, parse_severities, run_robustness
+
+    if (checkpoint is None) == (onnx is None):
+        raise VocdetError("give one of --checkpoint or --onnx")
+    extra = list(overrides or [])
+    if corruptions is not None:
+        names = [c.strip() for c in corruptions.split(",") if c.strip()]
+        extra.append(f"robustness.corruptions=[{','.join(names)}]")
+    if severities is not None:
+        extra.append(f"robustness.severities=[{','.join(map(str, parse_severities(severities)))}]")
+    if output is not None:
+        extra.append(f"robustness.output={output}")
+    rows, paths = run_robustness(checkpoint or onnx, config_files=config, overrides=extra)
+    print(format_rows(rows))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
 @app.command("config")
 def config_(
     config: ConfigOpt = None,

@@ -268,6 +268,57 @@ class ServeConfig:
     admin_max_model_mb: float = opt(500.0, "largest model upload POST /models accepts (413 above)")
     model_dir: str | None = opt(None, "where uploaded models are stored; default: a temporary directory")
     graceful_timeout_s: float = opt(30.0, "on SIGTERM, in-flight requests get this long to finish; new ones get 503")
+    drift: bool = opt(True, "compare served images and detections with the model's reference profile (GET /drift)")
+    drift_window: int = opt(500, "drift: the last N images of each model are compared with its reference")
+    drift_min_window: int = opt(100, "drift: no statistic before a model has served this many images")
+    drift_interval_s: float = opt(10.0, "drift: seconds between two evaluations of a window (off the request path)")
+
+
+@dataclass
+class DriftConfig:
+    """The reference profile a model carries (written at the end of training and by `vocdet export`) and the tests
+    `vocdet serve` and `vocdet robustness` run against it."""
+
+    profile: bool = opt(True, "compute the reference profile on the validation split (training end, export)")
+    images: int = opt(500, "validation images the profile is computed on (at most, evenly spread)")
+    alpha: float = opt(0.01, "chance that an in-distribution window raises any alarm (split over the features)")
+    permutations: int = opt(2000, "permutations of the embedding's kernel test (at least 2 / its p-value threshold)")
+
+
+@dataclass
+class RobustnessConfig:
+    """`vocdet robustness`: the validation split under ImageNet-C-style corruptions (deterministic, OpenCV/NumPy)."""
+
+    corruptions: list[str] = field(
+        default_factory=lambda: ["brightness", "contrast", "blur", "noise", "jpeg"],
+        metadata={"help": "of brightness|dark|contrast|blur|noise|jpeg|saturate"},
+    )
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5], metadata={"help": "each of 1..5"})
+    images: int = opt(0, "validation images scored (0: all)")
+    output: str | None = opt(None, "folder of robustness.json/.csv and the plot; default: <run of the checkpoint>")
+
+
+@dataclass
+class TuneConfig:
+    """`vocdet tune`: an Optuna study over config keys; each trial is an ordinary run under runs/<study>/trial-<n>."""
+
+    study: str = opt("tune", "study name: trials go to <run.dir>/<study>/trial-<n>")
+    trials: int = opt(
+        20, "trials the study should hold in the end (finished, pruned or failed); shared storage counts all"
+    )
+    storage: str | None = opt(None, "Optuna storage URL; default: sqlite:///<run.dir>/<study>/study.db")
+    space: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "key: distribution, e.g. train.lr0: loguniform:1e-4:1e-1, data.mosaic: uniform:0:1, "
+            "model.variant: choice:n:s, train.epochs: int:5:20"
+        },
+    )
+    sampler: str = opt("tpe", "tpe|random")
+    pruner: str = opt("median", "median|none: stop a trial whose epoch fitness is under the median of earlier ones")
+    warmup_epochs: int = opt(1, "epochs a trial always runs before it may be pruned")
+    startup_trials: int = opt(2, "trials that complete before pruning and TPE start")
+    seed: int = opt(0, "the sampler's seed")
 
 
 @dataclass
@@ -313,6 +364,9 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     download: DownloadConfig = field(default_factory=DownloadConfig)
 
@@ -503,7 +557,7 @@ def validate_trainer(cfg: DictConfig) -> None:
 # The sections a trained model carries (its checkpoint, the run's config.yaml, the W&B run config): never
 # ``serve`` (the admin token), ``logging`` or ``download`` (settings of the machine, not of the model).
 ORT_OPTIMIZATION = ("all", "extended", "basic", "disable")
-RUN_SECTIONS = ("run", "data", "model", "train", "trainer", "eval", "predict", "export")
+RUN_SECTIONS = ("run", "data", "model", "train", "trainer", "eval", "predict", "export", "drift")
 
 
 def run_sections(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:

@@ -68,6 +68,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def update_checkpoint_meta(path: str | Path, **items: Any) -> None:
+    """Set ``ckpt["vocdet"][key] = value`` for each item, rewriting ``path`` atomically."""
+    import torch
+
+    from vocdet.core.files import atomic_open
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["vocdet"].update(items)
+    with atomic_open(path, "wb") as f:
+        torch.save(ckpt, f)
+
+
 def _why_unreadable(path: Path, error: Exception) -> str:
     """One clause on why ``torch.load`` refused ``path`` (instead of PyTorch's paragraph about ``weights_only``)."""
     import pickle

@@ -88,6 +88,13 @@ class Detector:
         )
 
     @property
+    def drift_profile(self) -> dict[str, Any] | None:
+        """The reference profile the model carries (``vocdet.core.drift``), or None."""
+        from vocdet.core.drift import check_profile
+
+        return check_profile(self.metadata.get("drift"))
+
+    @property
     def box_origin(self) -> int:
         """The training data's corner convention (``data.box_origin``): the frame of detections JSON boxes."""
         return int(self.metadata.get("box_origin", 1))

@@ -36,6 +36,7 @@ from vocdet.core.yolo import save_ultralytics_checkpoint
 from vocdet.errors import VocdetError
 from vocdet.infer.backends import TorchBackend, check_device
 from vocdet.infer.detector import Detector, stack
+from vocdet.infer.drift import export_profile
 
 log = logging.getLogger("vocdet")
 
@@ -150,6 +151,9 @@ def export(
 
     net = network_from_checkpoint(ckpt).fuse()
     meta = _metadata(ckpt, cfg, out)
+    stored = ckpt["vocdet"].get("drift")
+    if cfg.drift.profile and stored and not e.half and float(stored.get("conf", -1)) == float(cfg.predict.conf):
+        meta["drift"] = stored  # the checkpoint's own profile: the same fp32 model at the same threshold
     reference = Detector.from_loaded_checkpoint(ckpt, e.device, half=False, config=cfg, source=str(checkpoint))
     tmp = out.with_name(out.name + ".partial")
     try:
@@ -183,6 +187,11 @@ def export(
             )
         if e.int8:
             meta = _int8(tmp, candidate, cfg, meta)
+        if e.format == "onnx" and cfg.drift.profile and ("drift" not in meta or meta["precision"] != "fp32"):
+            profile = export_profile(ckpt, Detector.from_onnx(tmp) if e.int8 else candidate, cfg)
+            if profile is not None:
+                meta = {**meta, "drift": profile}
+                _set_metadata(tmp, meta)
         commit(tmp, out)
     except torch.cuda.OutOfMemoryError:
         raise VocdetError("out of GPU memory while exporting; use export.device=cpu") from None
@@ -191,7 +200,9 @@ def export(
     print(f"exported {out} ({out.stat().st_size / 1e6:.1f} MB, {e.format})")
     from vocdet.core.artifacts import log_export
 
-    log_export(Path(checkpoint), out, cfg, ckpt["vocdet"].get("wandb_id"), meta)
+    log_export(
+        Path(checkpoint), out, cfg, ckpt["vocdet"].get("wandb_id"), {k: v for k, v in meta.items() if k != "drift"}
+    )
     return out
 
 

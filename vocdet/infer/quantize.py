@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from vocdet.core.detections import detections_to_predictions
+from vocdet.core.drift import evenly
 from vocdet.core.images import find_images, read_image
 from vocdet.core.metrics import GroundTruth, evaluate_detections
 from vocdet.core.voc import class_list, split_records
@@ -56,26 +57,19 @@ def _head_index(model: Any) -> int:
     return max(int(n.name.split("/")[2].split(".")[1]) for n in model.graph.node if n.name.startswith("/net/model."))
 
 
-def _evenly(items: list[Any], n: int) -> list[Any]:
-    """``n`` items spread evenly over ``items`` (deterministic), or all of them."""
-    if n >= len(items):
-        return list(items)
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
-
-
 def calibration_images(cfg: Any) -> tuple[list[np.ndarray], str, int]:
     """(images, where they came from, how many were unreadable): ``export.calib_source`` (files, globs, folders) or
     the training split of ``data.*``; ``export.calib_images`` of them, evenly spread."""
     e = cfg.export
     if e.calib_source:
-        paths = _evenly(find_images([e.calib_source]), e.calib_images)
+        paths = evenly(find_images([e.calib_source]), e.calib_images)
         source = str(e.calib_source)
     else:
         try:
             records = split_records(cfg.data, "train", class_list(cfg.data.classes), cfg.run.seed)
         except VocdetError as err:
             raise VocdetError(f"int8 calibration reads the training split: {err}") from None
-        paths = [Path(r.image) for r in _evenly(records, e.calib_images)]
+        paths = [Path(r.image) for r in evenly(records, e.calib_images)]
         source = f"training split of {cfg.data.root}"
     images, bad = [], 0
     for p in paths:
@@ -156,7 +150,7 @@ def _quiet_quantizer() -> Iterator[None]:
 def score(detector: Detector, cfg: Any, limit: int, split: str = "val") -> tuple[dict[str, float], int]:
     """vocdet's mAP of ``detector`` on up to ``limit`` images of ``split`` (evenly spread; ``all``: every image of data
     without a split of its own), at the eval thresholds."""
-    records = _evenly(split_records(cfg.data, split, detector.class_names, cfg.run.seed), limit)
+    records = evenly(split_records(cfg.data, split, detector.class_names, cfg.run.seed), limit)
     if not records:
         raise VocdetError(f"the int8 accuracy gate needs validation images; none found under {cfg.data.root}")
     gts = {r.id: GroundTruth(r.boxes, r.labels, r.difficult) for r in records}

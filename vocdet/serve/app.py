@@ -26,9 +26,11 @@ from starlette.datastructures import UploadFile
 
 from vocdet.core.detections import Detection
 from vocdet.core.draw import plot
+from vocdet.core.drift import image_features
 from vocdet.core.images import ImageError, decode_image
 from vocdet.errors import VocdetError
 from vocdet.infer.detector import Detector
+from vocdet.serve.drift import drift_status
 from vocdet.serve.engine import Job, ModelSlot, Overloaded, Result
 from vocdet.serve.middleware import ServeMiddleware
 from vocdet.serve.schemas import (
@@ -41,6 +43,7 @@ from vocdet.serve.schemas import (
     Conf,
     DetectionOut,
     ErrorOut,
+    EvaluateQuery,
     Health,
     Iou,
     MaxDet,
@@ -108,6 +111,7 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
                 state.add(slot)
                 log.info("model %s ready (%s)", name, path)
             state.ready = True
+            state.metrics.ready.set(0 if state.draining else 1)
         except Exception as e:
             state.load_error = f"cannot load a model: {e}"
             log.error("error: %s", state.load_error)
@@ -117,8 +121,11 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         task = asyncio.create_task(load_all())
+        if state.s.drift:
+            state.drift_monitor.start()
         yield
         state.draining = True
+        state.metrics.ready.set(0)
         task.cancel()
         state.close()
 
@@ -143,8 +150,14 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
         try:
             slot.detector.check_thresholds(conf, iou)  # per request: never fail the other requests of a batch
             try:
-                image, prep = await loop.run_in_executor(
-                    state.decoder, _decode_prepare, slot.detector, data, name, state.s.max_pixels
+                image, prep, features = await loop.run_in_executor(
+                    state.decoder,
+                    _decode_prepare,
+                    slot.detector,
+                    data,
+                    name,
+                    state.s.max_pixels,
+                    slot.drift is not None,
                 )
             finally:
                 slot.decoding -= 1
@@ -158,6 +171,8 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
                 raise HTTPException(
                     503, "inference timed out under load; retry", headers={"Retry-After": "2"}
                 ) from None
+            if features is not None:
+                _observe(slot, features, result.detections, conf)
             return image, result, decode_ms
         except ImageError as e:
             raise HTTPException(IMAGE_STATUS.get(e.kind, 422), str(e)) from None
@@ -340,7 +355,25 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
     async def metrics() -> Response:
         for slot in state.slots.values():
             state.metrics.queue_depth.labels(slot.name).set(slot.batcher.jobs.qsize() if slot.batcher else 0)
+            if slot.drift is not None:
+                state.metrics.drift_window.labels(slot.name).set(len(slot.drift))
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(
+        "/drift",
+        summary="Drift of each model's recent inputs and outputs against its reference profile",
+        responses={404: {"model": ErrorOut}},
+    )
+    async def drift(model: ModelQuery = None, evaluate: EvaluateQuery = False) -> dict[str, Any]:
+        if model is not None:
+            slots = [state.slot(model)]
+        else:
+            slots = list(state.slots.values())
+        if evaluate and state.s.drift:
+            loop = asyncio.get_running_loop()
+            for slot in slots:
+                await loop.run_in_executor(state.decoder, state.drift_monitor.evaluate, slot, True)
+        return {"models": {slot.name: drift_status(state, slot) for slot in slots}}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -350,9 +383,21 @@ def create_app(cfg: DictConfig, models: dict[str, str | Path] | None = None) -> 
     return app
 
 
-def _decode_prepare(detector: Detector, data: bytes, name: str, max_pixels: int) -> tuple[Any, Any]:
+def _decode_prepare(detector: Detector, data: bytes, name: str, max_pixels: int, features: bool) -> tuple[Any, ...]:
+    """Decode and letterbox an upload (on a decoding thread); with ``features``, also its drift features."""
     image = decode_image(data, name, max_pixels=max_pixels)
-    return image, detector.prepare(image)
+    return image, detector.prepare(image), image_features(image, data) if features else None
+
+
+def _observe(slot: ModelSlot, features: Any, detections: list[Detection], conf: float | None) -> None:
+    """Add one answered image to the model's drift window; its detections count only when the request's threshold
+    was no higher than the reference's (a stricter request would look like fewer detections)."""
+    window = slot.drift
+    used = slot.detector.conf if conf is None else conf
+    if used <= window.reference.conf + 1e-9:
+        window.add(features, [d.score for d in detections], [d.class_id for d in detections])
+    else:
+        window.add(features)
 
 
 def _annotated_jpeg(image: Any, detections: list[Detection]) -> bytes:

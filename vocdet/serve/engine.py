@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from vocdet.core.detections import Detection
+from vocdet.core.drift import DriftWindow
 from vocdet.infer.detector import Detector, Letterboxed
 
 log = logging.getLogger("vocdet.serve")
@@ -144,6 +145,9 @@ class ModelSlot:
         self.admitted = 0  # requests between admission and response
         self.decoding = 0  # of those, still being decoded (the batcher waits for them)
         self.batcher: MicroBatcher | None = None
+        self.drift: DriftWindow | None = None  # set when the model carries a reference profile
+        self.drift_report: dict[str, Any] | None = None  # the monitor's last evaluation
+        self.drift_seen = -1  # window.seen at that evaluation
 
     def warm_up(self) -> None:
         """Run one blank image through the model so the first real request does not pay for initialisation."""
@@ -176,4 +180,5 @@ class ModelSlot:
             "max_det": d.max_det,
             "nms_in_graph": d.nms_in_graph,
             "precision": d.precision,
+            "drift": self.drift is not None,
         }

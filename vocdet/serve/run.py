@@ -36,6 +36,7 @@ def serve(cfg: DictConfig, models: dict[str, Path]) -> None:
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
             state.draining = True  # new requests get 503 while in-flight ones finish
+            state.metrics.ready.set(0)
             super().handle_exit(sig, frame)
             # uvicorn re-raises the signal after shutting down; a completed graceful shutdown exits 0 instead.
             self._captured_signals.clear()

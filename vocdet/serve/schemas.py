@@ -50,6 +50,7 @@ class ModelInfo(BaseModel):
     max_det: int
     nms_in_graph: bool
     precision: str = Field(description="fp32, fp16 or int8 (a quantized ONNX export)")
+    drift: bool = Field(description="the model carries a reference profile and its drift is watched (GET /drift)")
 
 
 class Health(BaseModel):
@@ -112,4 +113,5 @@ MaxDet = Annotated[Optional[int], Query(ge=1, le=10000, description="detections 
 Annotate = Annotated[bool, Query(description="return the annotated JPEG instead of JSON")]
 ModelQuery = Annotated[Optional[str], Query(max_length=64, description="model name (default: the first)")]  # noqa: UP045
 ModelPath = Annotated[str, PathParam(max_length=64)]
+EvaluateQuery = Annotated[bool, Query(description="test the windows now instead of returning the last test")]
 NameQuery = Annotated[str, Query(pattern=NAME_PATTERN, description="name to serve it under")]

@@ -13,7 +13,9 @@ from fastapi import HTTPException
 from omegaconf import DictConfig
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from vocdet.core.drift import DriftWindow
 from vocdet.infer.detector import Detector
+from vocdet.serve.drift import DriftMonitor
 from vocdet.serve.engine import MicroBatcher, ModelSlot
 
 
@@ -38,6 +40,18 @@ class Metrics:
         )  # fmt: skip
         self.queue_depth = Gauge("vocdet_queue_depth", "images waiting for inference", ["model"], registry=r)
         self.models_loaded = Gauge("vocdet_models_loaded", "models loaded and warmed up", registry=r)
+        self.ready = Gauge("vocdet_ready", "1 while every model is loaded and the server is not draining", registry=r)
+        self.drift_score = Gauge(
+            "vocdet_drift_score",
+            "drift statistic of a feature (KS D, chi-square, MMD²)",
+            ["model", "feature"],
+            registry=r,
+        )
+        self.drift_p_value = Gauge("vocdet_drift_p_value", "drift test p-value", ["model", "feature"], registry=r)
+        self.drift_alarm = Gauge("vocdet_drift_alarm", "1 when a feature of the window drifted", ["model"], registry=r)
+        self.drift_evaluations = Counter("vocdet_drift_evaluations", "drift tests run", ["model"], registry=r)
+        self.drift_alarms = Counter("vocdet_drift_alarms", "drift tests that raised the alarm", ["model"], registry=r)
+        self.drift_window = Gauge("vocdet_drift_window", "images in the drift window", ["model"], registry=r)
 
 
 # ----------------------------------------------------------------------------------------------- app state
@@ -58,6 +72,7 @@ class State:
         self._tmp_dir: str | None = None
         self.on_load_failure: Callable[[str], None] | None = None
         self.uploading: set[str] = set()  # names of models being added through POST /models
+        self.drift_monitor = DriftMonitor(self)
 
     def model_dir(self) -> Path:
         if self.s.model_dir:
@@ -74,6 +89,11 @@ class State:
         s = self.s
         detector = Detector.load(path, device=s.device, predict=self.cfg.predict)
         slot = ModelSlot(name, detector, path, s.max_queue)
+        profile = detector.drift_profile
+        if s.drift and profile is not None:
+            d = self.cfg.drift
+            slot.drift = DriftWindow(profile, s.drift_window, d.alpha, d.permutations)
+            self.metrics.drift_alarm.labels(name).set(0)
         slot.warm_up()
         slot.batcher = MicroBatcher(slot, s.max_batch_size, s.max_wait_ms, self.metrics)
         slot.batcher.start()
@@ -98,6 +118,7 @@ class State:
         return self.slots[key]
 
     def close(self) -> None:
+        self.drift_monitor.stop()
         for slot in self.slots.values():
             if slot.batcher:
                 slot.batcher.stop()

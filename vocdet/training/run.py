@@ -151,11 +151,56 @@ def _train(cfg: DictConfig) -> Path:
     _stop_if_signalled(trainer)
     stopping.pause_at("reports")
     result = _module_report(module, datamodule, cfg, best, output=out / "metrics.json", plots=out / "plots")
+    _write_profile(cfg, module, datamodule, {best, last})
     from vocdet.training.tracking import finish_run
 
     stopping.pause_at("wandb")
     finish_run(trainer, cfg, best, result)
     return best
+
+
+@rank_zero_only
+def _write_profile(cfg: DictConfig, module: DetectionModule, datamodule: VOCDataModule, checkpoints: set[Path]) -> None:
+    """The drift reference profile (``vocdet.core.drift``) of the best model on the validation split, from the final
+    validation's detections, stored in the run's checkpoints (``ckpt["vocdet"]["drift"]``)."""
+    from vocdet.core.checkpoint import update_checkpoint_meta
+    from vocdet.core.drift import build_profile, evenly, file_features, output_features
+
+    if not cfg.drift.profile or datamodule.val_set is None or not module.last_predictions:
+        return
+    records = evenly(datamodule.val_set.records, cfg.drift.images)
+    conf, nc = float(cfg.predict.conf), len(module.class_names)
+    images, outputs = [], []
+    for r in records:
+        p = module.last_predictions.get(r.id)
+        if p is None:
+            continue
+        images.append(file_features(r.image))
+        scores, labels = _single_label(p)
+        outputs.append(output_features(scores, labels, conf, nc))
+    if len(images) < 2:
+        return
+    profile = build_profile(images, outputs, conf, module.class_names, f"validation split of {cfg.data.root}")
+    for path in checkpoints:
+        if path.is_file():
+            update_checkpoint_meta(path, drift=profile)
+    log.info(
+        "drift reference profile of %d validation images stored in %s",
+        len(images),
+        ", ".join(sorted(p.name for p in checkpoints)),
+    )
+
+
+def _single_label(p: Any) -> tuple[Any, Any]:
+    """Validation's multi-label detections as the predictor's single-label ones: one (best) class per box."""
+    import numpy as np
+
+    if len(p.scores) == 0:
+        return p.scores, p.labels
+    order = np.argsort(-p.scores, kind="stable")
+    _, first = np.unique(np.round(p.boxes[order], 3), axis=0, return_index=True)
+    keep = order[np.sort(first)]
+    return p.scores[keep], p.labels[keep]
 
 
 def stopped(signum: int, trainer: L.Trainer | None = None) -> TrainingStopped:
