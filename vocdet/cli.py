@@ -254,6 +254,19 @@ def serve(
 
 
 @app.command()
+def tune(
+    config: ConfigOpt = None,
+    overrides: OverridesArg = None,
+) -> None:
+    """Hyper-parameter search with Optuna over config keys (tune.space.KEY=uniform:A:B|loguniform:A:B|int:A:B|
+    choice:A:B), pruning bad trials per epoch; each trial is a run in <run.dir>/<tune.study>/trial-<n>. Continues a
+    stopped study; processes sharing tune.storage share the study. Writes best.yaml, trials.csv and plots."""
+    from vocdet.training.tune import tune as run_tune
+
+    run_tune(config, overrides)
+
+
+@app.command()
 def robustness(
     checkpoint: Annotated[Optional[Path], typer.Option(help="vocdet checkpoint to test.")] = None,  # noqa: UP045
     onnx: Annotated[Optional[Path], typer.Option(help="Or an export (needs data.root=...).")] = None,  # noqa: UP045
@@ -273,13 +286,13 @@ def robustness(
 ) -> None:
     """Score a model on the validation split under ImageNet-C-style corruptions at each severity: mAP50, mAP50-95
     and the drift alarm vocdet serve would raise; writes robustness.json/.csv/.png and logs them to W&B."""
-    from vocdet.infer.robustness import format_rows, parse_severities, run_robustness
+    from vocdet.infer.robustness import check_corruptions, format_rows, parse_severities, run_robustness
 
     if (checkpoint is None) == (onnx is None):
         raise VocdetError("give one of --checkpoint or --onnx")
     extra = list(overrides or [])
     if corruptions is not None:
-        names = [c.strip() for c in corruptions.split(",") if c.strip()]
+        names = check_corruptions([c.strip() for c in corruptions.split(",") if c.strip()])
         extra.append(f"robustness.corruptions=[{','.join(names)}]")
     if severities is not None:
         extra.append(f"robustness.severities=[{','.join(map(str, parse_severities(severities)))}]")

@@ -307,18 +307,22 @@ class TuneConfig:
         20, "trials the study should hold in the end (finished, pruned or failed); shared storage counts all"
     )
     storage: str | None = opt(None, "Optuna storage URL; default: sqlite:///<run.dir>/<study>/study.db")
-    space: dict[str, str] = field(
+    space: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "key: distribution, e.g. train.lr0: loguniform:1e-4:1e-1, data.mosaic: uniform:0:1, "
-            "model.variant: choice:n:s, train.epochs: int:5:20"
+            "help": "KEY: uniform:A:B|loguniform:A:B|int:A:B[:STEP]|choice:X:Y, e.g. train.lr0: loguniform:1e-4:1e-1"
         },
+    )
+    enqueue: list[dict[str, Any]] = field(
+        default_factory=list,
+        metadata={"help": "parameter sets tried first when the study is new, e.g. [{train.lr0: 0.01}] (a baseline)"},
     )
     sampler: str = opt("tpe", "tpe|random")
     pruner: str = opt("median", "median|none: stop a trial whose epoch fitness is under the median of earlier ones")
     warmup_epochs: int = opt(1, "epochs a trial always runs before it may be pruned")
     startup_trials: int = opt(2, "trials that complete before pruning and TPE start")
     seed: int = opt(0, "the sampler's seed")
+    heartbeat_s: int = opt(10, "a running trial's heartbeat; after 3 missed, another process fails and repeats it")
 
 
 @dataclass
@@ -329,6 +333,7 @@ class LoggingConfig:
     wandb: bool = opt(True, "log to Weights & Biases")
     wandb_project: str = opt("vocdet", "W&B project")
     wandb_mode: str = opt("offline", "offline|online|disabled; WANDB_MODE in the environment wins")
+    wandb_group: str | None = opt(None, "W&B run group (vocdet tune sets it to the study name)")
     csv: bool = opt(True, "metrics as CSV in <run>/csv")
     log_every_n_steps: int = opt(10, "training metrics logged every N steps (Lightning's log_every_n_steps)")
     wandb_images: int = opt(16, "validation images logged with predicted and true boxes after each validation")

@@ -226,7 +226,7 @@ def test_named_model_and_models_list(client: TestClient) -> None:
     for m, name in zip(models, ("voc", "other")):
         assert m == {
             "name": name, "format": "onnx", "file": f"{name}.onnx", "class_names": list(VOC_CLASSES),
-            "imgsz": 64, "conf": 0.25, "iou": 0.7, "max_det": 300, "nms_in_graph": False, "precision": "fp32",
+            "imgsz": 64, "conf": 0.25, "iou": 0.7, "max_det": 300, "nms_in_graph": False, "precision": "fp32", "drift": False,
         }  # fmt: skip
     assert client.get("/readyz").json() == {"status": "ready", "models": ["voc", "other"]}
 
@@ -545,7 +545,7 @@ def test_admin_model_upload(loader: FakeLoader, tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         assert r.json() == {
             "name": "extra", "format": "onnx", "file": "extra.onnx", "class_names": list(VOC_CLASSES),
-            "imgsz": 64, "conf": 0.25, "iou": 0.7, "max_det": 300, "nms_in_graph": False, "precision": "fp32",
+            "imgsz": 64, "conf": 0.25, "iou": 0.7, "max_det": 300, "nms_in_graph": False, "precision": "fp32", "drift": False,
         }  # fmt: skip
         assert (uploads / "extra.onnx").read_bytes() == b"\x08\x01onnx bytes"
         assert_error(add("extra", content=b"x"), 409, "already loaded")

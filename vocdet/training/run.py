@@ -56,15 +56,16 @@ def resolve_run(cfg: DictConfig) -> DictConfig:
     return load_config(None, [f"run.name={name}"], base=to_dict(cfg))
 
 
-def train(cfg: DictConfig) -> Path:
-    """Train, then evaluate the best checkpoint; writes ``<run>/metrics.json`` and returns the best checkpoint."""
+def train(cfg: DictConfig, callbacks: list[Any] | None = None) -> Path:
+    """Train, then evaluate the best checkpoint; writes ``<run>/metrics.json`` and returns the best checkpoint.
+    ``callbacks``: Lightning callbacks added to vocdet's own (e.g. a pruning callback of ``vocdet tune``)."""
     if not cfg.data.synthesize or Path(cfg.data.root).exists():
         layout(cfg.data.root)  # fail before any logger starts: no folder, no VOC XML
     cfg = resolve_classes(resolve_run(cfg))
     launcher = _RUN_NAME_ENV not in os.environ
     os.environ[_RUN_NAME_ENV] = cfg.run.name
     try:
-        return _train(cfg)
+        return _train(cfg, callbacks)
     finally:
         if launcher:  # a notebook's next train() call picks its own directory again
             os.environ.pop(_RUN_NAME_ENV, None)
@@ -116,7 +117,7 @@ def _resume_point(cfg: DictConfig) -> tuple[Path | None, str | None]:
     return last, ckpt["vocdet"].get("wandb_id")
 
 
-def _train(cfg: DictConfig) -> Path:
+def _train(cfg: DictConfig, callbacks: list[Any] | None = None) -> Path:
     out = run_dir(cfg)
     last = last_checkpoint(out)
     stopping.STATE.update(timeout_s=float(cfg.train.stop_timeout_s), checkpoint=last)
@@ -131,7 +132,7 @@ def _train(cfg: DictConfig) -> Path:
         if module.ema_model is not None:
             module.ema_model.load_state_dict(module.model.state_dict())
         log.info("transferred %d/%d tensors from %s", matched, total, cfg.model.weights)
-    trainer = build_trainer(cfg, out, wandb_id=wandb_id)
+    trainer = build_trainer(cfg, out, wandb_id=wandb_id, callbacks=callbacks)
     if resume_from is not None and rank_zero_only.rank == 0:
         log.info("resuming from %s", resume_from)
     try:

@@ -30,6 +30,7 @@ def wandb_logger(cfg: DictConfig, out_dir: Path, run_id: str | None = None) -> A
     logger = WandbLogger(
         project=cfg.logging.wandb_project,
         name=cfg.run.name,
+        group=cfg.logging.wandb_group,
         save_dir=str(out_dir),
         offline=mode == "offline",
         config=run_sections(cfg),

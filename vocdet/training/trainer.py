@@ -139,13 +139,18 @@ def _stop_without_collectives(trainer: L.Trainer) -> None:
 
 
 def build_trainer(
-    cfg: DictConfig, out_dir: Path | None, *, evaluating: bool = False, wandb_id: str | None = None
+    cfg: DictConfig,
+    out_dir: Path | None,
+    *,
+    evaluating: bool = False,
+    wandb_id: str | None = None,
+    callbacks: list[Any] | None = None,
 ) -> L.Trainer:
     """A ``lightning.Trainer`` from ``cfg.trainer`` plus vocdet's callbacks and loggers.
 
     Training gets ``best.ckpt`` (max fitness) and ``last.ckpt`` under ``<run>/checkpoints`` (also written on
     SIGTERM), a CSV logger and (unless ``logging.wandb=false``) W&B, offline unless configured online;
-    ``wandb_id`` continues an existing W&B run (``--resume``).
+    ``wandb_id`` continues an existing W&B run (``--resume``); ``callbacks`` are added to vocdet's.
     """
     kwargs = dict(to_dict(cfg.trainer))
     kwargs["precision"] = _precision(cfg, kwargs)
@@ -162,6 +167,7 @@ def build_trainer(
     kwargs["max_epochs"] = cfg.train.epochs
     kwargs["check_val_every_n_epoch"] = cfg.train.val_every
     callbacks = [
+        *(callbacks or []),
         ModelCheckpoint(
             dirpath=out_dir / "checkpoints",
             filename="best",
