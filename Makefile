@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vocdet-installed
 
-.PHONY: setup browser promtool train repro test test-fast bench bench-fidelity bench-steps bench-predict serve loadtest soak docker-build lint format clean
+.PHONY: setup browser promtool train repro test test-fast bench bench-fidelity bench-steps bench-predict bench-drift serve loadtest soak docker-build lint format clean
 
 setup: $(STAMP)
 
@@ -56,6 +56,10 @@ bench-steps: setup
 ## Inference latency/throughput: Detector (PyTorch, ONNX Runtime) vs Ultralytics' YOLO.predict (needs `make train`).
 bench-predict: setup
 	$(BIN)/python -m vocdet.bench.predict
+
+## Drift detection on the `make train` model: false-alarm rate on new in-distribution images, delay to the alarm.
+bench-drift: setup
+	$(BIN)/python -m vocdet.bench.drift
 
 ## Export the `make train` checkpoint to ONNX and serve it on http://127.0.0.1:8000 (Ctrl-C or SIGTERM stops).
 serve: setup

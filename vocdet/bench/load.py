@@ -1,10 +1,12 @@
 """Load test ``vocdet serve`` over real HTTP on loopback: ``python -m vocdet.bench.load [--onnx M] [--soak]``.
 
-Three servers run one after another, each in its own subprocess, on the same ONNX model and the same JPEGs:
+The servers run one after another, each in its own subprocess, on the same ONNX model and the same JPEGs:
 
 * ``batched``: ``vocdet serve`` with micro-batching (``serve.max_batch_size=8 serve.max_wait_ms=5``);
 * ``no-batching``: ``vocdet serve`` with ``serve.max_batch_size=1``;
 * ``baseline``: :func:`baseline_app`, the original project's design (model loaded per request, on the event loop);
+* ``batched-no-drift``: ``batched`` with drift detection off (``serve.drift=false``): what watching drift costs
+  (the other servers run with it on, the default; the quickstart model carries a reference profile);
 * ``batched-int8``: ``batched`` on the int8 export of the same model (``vocdet export --int8``; ``--int8 M``, or
   made from the quickstart checkpoint when no ``--onnx`` is given; skipped with a note otherwise).
 
@@ -69,6 +71,8 @@ SERVERS: dict[str, list[str]] = {
     "baseline": ["vocdet.bench.load", "--baseline-app", "--port", PORT, "--onnx", "{onnx}"],
     "batched-int8": ["vocdet", "serve", "--port", PORT, "--onnx", "{int8}", "--name", "voc",
                      f"serve.max_batch_size={BATCH}", f"serve.max_wait_ms={WAIT_MS:g}"],
+    "batched-no-drift": ["vocdet", "serve", "--port", PORT, "--onnx", "{onnx}", "--name", "voc",
+                         f"serve.max_batch_size={BATCH}", f"serve.max_wait_ms={WAIT_MS:g}", "serve.drift=false"],
 }  # fmt: skip
 
 
@@ -255,6 +259,8 @@ def goals(rows: list[dict], bare: dict[str, float], at: int) -> list[dict]:
         ("batched / no-batching req/s", ratio(b and b["req_s"], nob and nob["req_s"]), ">=", 1.2),
         ("batched p99 ms vs 2 x max_wait_ms + bare infer8_ms", b and b["p99_ms"], "<=", bound),
     ]
+    if nd := r.get("batched-no-drift"):
+        checks.append(("batched (drift on) / batched-no-drift req/s", ratio(b and b["req_s"], nd["req_s"]), ">=", 0.95))
     if q := r.get("batched-int8"):  # no goal of its own: how much int8 adds to a served model
         checks.append(("batched-int8 / batched req/s", ratio(q["req_s"], b and b["req_s"]), ">=", 1.0))
     return [
@@ -266,7 +272,7 @@ def goals(rows: list[dict], bare: dict[str, float], at: int) -> list[dict]:
 
 # ----------------------------------------------------------------------------------------------- output
 HEADER = (
-    f"{'server':<12} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} {'batch':>6}"
+    f"{'server':<16} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>7} {'batch':>6}"
 )
 
 
@@ -274,7 +280,7 @@ def format_row(r: dict) -> str:
     f = lambda v: f"{v:8.1f}" if v is not None else f"{'-':>8}"  # noqa: E731
     c, req = r["concurrency"], r["req_s"]
     batch = f"{r['mean_batch']:6.2f}" if r["mean_batch"] else f"{'-':>6}"
-    return f"{r['server']:<12} {c:>7} {req:8.1f} {f(r['p50_ms'])} {f(r['p95_ms'])} {f(r['p99_ms'])} {r['errors']:>7} {batch}"
+    return f"{r['server']:<16} {c:>7} {req:8.1f} {f(r['p50_ms'])} {f(r['p95_ms'])} {f(r['p99_ms'])} {r['errors']:>7} {batch}"
 
 
 def format_goal(g: dict) -> str:

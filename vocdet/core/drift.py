@@ -19,7 +19,7 @@ Tests (:func:`compare`): Kolmogorov–Smirnov for each scalar feature, a chi-squ
 (one effective observation per image, so correlated detections within one image do not inflate it), and a kernel
 two-sample test (MMD with a Gaussian kernel at the reference's median distance, permutation p-value) for the
 embedding. A feature drifts when its p-value is under ``alpha / number of tests`` (Bonferroni: the chance that an
-in-distribution window raises any alarm stays under ``alpha``). The image features are model-agnostic and cost ~1
+in-distribution window raises any alarm stays under ``alpha``). The image features are model-agnostic and cost ~0.6
 ms on a decoding thread, so every backend (PyTorch, ONNX fp32/int8, NMS in the graph) carries the same profile.
 """
 
@@ -88,33 +88,36 @@ def jpeg_quality(data: bytes | None) -> float:
     return math.nan
 
 
+def _nearest(img: np.ndarray, side: int) -> np.ndarray:
+    """``img`` with its long side at most ``side``, by dropping pixels (no averaging: noise stays noise)."""
+    h, w = img.shape[:2]
+    if max(h, w) <= side:
+        return img
+    scale = side / max(h, w)
+    return cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_NEAREST)
+
+
 def image_features(rgb: np.ndarray, data: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(the ``IMAGE_FEATURES`` as float64, the 768-value thumbnail as float32 in 0..1) of one HxWx3 uint8 image."""
+    """(the ``IMAGE_FEATURES`` as float64, the 768-value thumbnail as float32 in 0..1) of one HxWx3 uint8 image.
+
+    About 0.5 ms for a 500 x 375 photo, bounded for any size: sharpness and noise on the image with its long side at
+    most 256 px, the rest on at most 128 px (pixels dropped, not averaged, so noise stays visible)."""
     h, w = rgb.shape[:2]
-    scale = min(1.0, 256.0 / max(h, w))  # the statistics on at most 256 px: ~1 ms for any input size
-    small = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32)
-    sat = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)[..., 1]
-    lap = cv2.Laplacian(grey, cv2.CV_32F)
+    grey = cv2.cvtColor(_nearest(rgb, 256), cv2.COLOR_RGB2GRAY)
     gh, gw = grey.shape
     if gh > 2 and gw > 2:
-        response = np.abs(cv2.filter2D(grey, cv2.CV_32F, _NOISE_KERNEL)[1:-1, 1:-1])
-        noise = math.sqrt(math.pi / 2) * float(response.mean()) / 6.0
+        lap_std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))[1][0, 0]
+        sharpness = math.log1p(float(lap_std) ** 2)
+        response = cv2.filter2D(grey, cv2.CV_32F, _NOISE_KERNEL)[1:-1, 1:-1]
+        noise = math.sqrt(math.pi / 2) * cv2.norm(response, cv2.NORM_L1) / response.size / 6.0
     else:
-        noise = 0.0
+        sharpness = noise = 0.0
+    small = _nearest(rgb, 128)
+    small_grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
+    sat = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)[..., 1]
+    mean, std = cv2.meanStdDev(small_grey)
     scalars = np.array(
-        [
-            grey.mean(),
-            grey.std(),
-            sat.mean(),
-            math.log1p(float(lap.var())),
-            noise,
-            w,
-            h,
-            w / h,
-            jpeg_quality(data),
-        ],
-        np.float64,
+        [mean[0, 0], std[0, 0], sat.mean(), sharpness, noise, w, h, w / h, jpeg_quality(data)], np.float64
     )
     thumb = cv2.resize(small, (THUMB, THUMB), interpolation=cv2.INTER_AREA).astype(np.float32).reshape(-1) / 255.0
     return scalars, thumb
@@ -342,6 +345,8 @@ class DriftWindow:
     def __init__(self, profile: dict[str, Any], size: int, alpha: float, permutations: int = 2000):
         import collections
         import threading
+
+        import scipy.stats  # noqa: F401  (imported here, at model load, not at the first test on a serving thread)
 
         self.reference = Reference(profile)
         self.size, self.alpha, self.permutations = int(size), float(alpha), int(permutations)

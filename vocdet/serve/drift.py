@@ -55,6 +55,7 @@ class DriftMonitor:
         start = time.perf_counter()
         report = window.evaluate()
         report.update(seen=seen, evaluated_at=time.time(), seconds=round(time.perf_counter() - start, 4))
+        previous = slot.drift_report
         slot.drift_report, slot.drift_seen = report, seen
         m = self.state.metrics
         for feature, r in report["features"].items():
@@ -64,8 +65,11 @@ class DriftMonitor:
         m.drift_evaluations.labels(slot.name).inc()
         if report["alarm"]:
             m.drift_alarms.labels(slot.name).inc()
-        if report["alarm"]:
+        was = previous is not None and previous["alarm"]
+        if report["alarm"] and not was:
             log.warning("drift alarm for model %s: %s", slot.name, ", ".join(report["drifted"]))
+        elif was and not report["alarm"]:
+            log.info("drift alarm for model %s cleared", slot.name)
 
 
 def drift_status(state: State, slot: Any) -> dict[str, Any]:
