@@ -34,7 +34,7 @@ promtool:
 
 ## The test suite (CPU, no network beyond loopback) with coverage.
 test: setup browser promtool
-	$(BIN)/python -m pytest --cov=vocdet --cov-report=term-missing:skip-covered
+	$(BIN)/python -m pytest --cov=vocdet --cov-report=term-missing:skip-covered --durations=25
 
 ## Every test that neither trains a model nor starts a process (about a minute; `make test` runs everything).
 test-fast: setup

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,35 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None)
     )
 
 
+def start_process(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``argv`` in its own process group (a signal to the group reaches its workers too), from the repository, its
+    stdout and stderr merged into one text pipe."""
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True,
+    )
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> subprocess.Popen:
+    """``vocdet <args>`` started with ``start_process``."""
+    return start_process([*(prefix or []), sys.executable, "-m", "vocdet", *args], env)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The output of ``proc`` once it exits; a hang kills its whole process group and fails the test."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0]
+        pytest.fail(f"no exit within {timeout} s (killed):\n{out[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def detector_run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A model that detects things (12 epochs at 128 px on 300 synthetic images, ~40 s), trained in-process.
@@ -108,9 +138,9 @@ def checkpoint(detector_run: SimpleNamespace) -> Path:
 @pytest.fixture(scope="session")
 def ultralytics_assets() -> list[Path]:
     """bus.jpg and zidane.jpg, the real photos that ship inside the ultralytics package."""
-    from vocdet.infer.export import default_parity_images
+    from vocdet.infer.export import ultralytics_assets
 
-    return default_parity_images()
+    return ultralytics_assets()
 
 
 class ServerProcess:

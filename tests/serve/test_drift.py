@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import ServerProcess
 from vocdet.core.checkpoint import load_checkpoint
 from vocdet.infer.detector import Detector
+from vocdet.infer.robustness import corrupt
 
 pytestmark = pytest.mark.slow
 WINDOW = 100
@@ -31,18 +32,6 @@ def fresh_images(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
 
 def _jpeg(img: np.ndarray, quality: int = 92) -> bytes:
     return cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
-
-
-def _altered(data: bytes, how: str, i: int) -> bytes:
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if how == "dark":
-        img = (img * 0.4).astype(np.uint8)
-    elif how == "blur":
-        img = cv2.GaussianBlur(img, (0, 0), 2.5)
-    else:
-        noise = np.random.default_rng(i).normal(0, 25, img.shape)
-        img = np.clip(img + noise, 0, 255).astype(np.uint8)
-    return _jpeg(img)
 
 
 def _send(url: str, images: list[bytes]) -> None:
@@ -93,7 +82,7 @@ def test_served_traffic_alarms_on_drift_and_only_then(
             assert not report["alarm"], {f: r for f, r in report["features"].items() if r["drifted"]}
         # Drift: one window of each kind, the alarm on the feature that stands for it.
         for how, feature in (("dark", "brightness"), ("blur", "sharpness"), ("noise", "noise")):
-            _send(srv.url, [_altered(d, how, i) for i, d in enumerate(fresh_images[:WINDOW])])
+            _send(srv.url, [corrupt(d, how, 2, i) for i, d in enumerate(fresh_images[:WINDOW])])
             report = _drift(srv.url)
             assert report["alarm"] and feature in report["drifted"], (how, report["drifted"])
         # Another distribution: real VOC photos against a model of synthetic shapes.

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,33 +14,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import finish, run_cli, start_cli, tiny_overrides
 from tests.test_cli import assert_one_line_error
 
 pytestmark = pytest.mark.slow
 
 
 def _start_train(overrides: list[str], *extra: str) -> subprocess.Popen:
-    """``vocdet train`` in its own process group, so signals can reach the dataloader workers too."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "vocdet", "train", *overrides, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,
-    )
-
-
-def _wait(proc: subprocess.Popen, timeout: float) -> str:
-    """The process's output once it exits; a hang kills its whole process group and fails the test."""
-    try:
-        return proc.communicate(timeout=timeout)[0]
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out = proc.communicate()[0]
-        pytest.fail(f"no exit within {timeout} s (killed):\n{out[-3000:]}")
+    return start_cli("train", *overrides, *extra)
 
 
 def _ckpt_epoch(path: Path) -> int:
@@ -59,11 +39,11 @@ def _signal_after_epoch(proc: subprocess.Popen, last: Path, epoch: int, sig: int
         if proc.poll() is not None:
             pytest.fail(f"training ended before epoch {epoch}:\n{proc.stdout.read()[-3000:]}")
         if time.monotonic() > deadline:
-            _wait(proc, 0)  # kills the process group and fails with its output
+            finish(proc, 0)  # kills the process group and fails with its output
         time.sleep(0.2)
     time.sleep(1.0)  # into the next epoch (one epoch is ~3 s here)
     os.killpg(proc.pid, sig)
-    return _wait(proc, 120)
+    return finish(proc, 120)
 
 
 def test_sigkill_and_sigterm_then_resume_matches_uninterrupted(detector_run: SimpleNamespace, tmp_path: Path) -> None:
@@ -92,7 +72,7 @@ def test_sigkill_and_sigterm_then_resume_matches_uninterrupted(detector_run: Sim
 
     # 3. Resumed again to the end.
     proc = _start_train(overrides, "--resume")
-    out = _wait(proc, 600)
+    out = finish(proc, 600)
     assert proc.returncode == 0, out[-3000:]
 
     ref_last = torch.load(reference / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -104,12 +84,23 @@ def test_sigkill_and_sigterm_then_resume_matches_uninterrupted(detector_run: Sim
     assert ema and int(done["state_dict"]["ema_updates"]) == int(ref_last["state_dict"]["ema_updates"])
     ours = json.loads((run / "metrics.json").read_text())
     ref = json.loads((reference / "metrics.json").read_text())
-    # Resumed runs see other shuffles than the uninterrupted one (the sampler restarts), so: within noise.
+    # A resumed run draws new shuffles and augmentations (run_seed), so: within noise. Measured spread of this
+    # set-up over run.seed 0-3: mAP50 0.374, 0.428, 0.375, 0.382 (sd 0.026; a difference of two runs: sd ~0.04);
+    # killed after epoch 3 and resumed: 0.324. (The restored weights, optimizer buffers and param groups were checked
+    # equal to the checkpoint's at the first resumed step.)
     print(f"mAP50 resumed {ours['map50']:.4f} vs uninterrupted {ref['map50']:.4f}")
-    # A model that detects things (untrained: ~0), so "within noise" means something; 0.28 with the NCHW default.
-    assert ref["map50"] > 0.2
-    assert ours["map50"] == pytest.approx(ref["map50"], abs=0.05)
-    assert ours["map50_95"] == pytest.approx(ref["map50_95"], abs=0.05)
+    assert ref["map50"] > 0.2  # a model that detects things (untrained: ~0), so "within noise" means something
+    assert ours["map50"] == pytest.approx(ref["map50"], abs=0.1)
+    assert ours["map50_95"] == pytest.approx(ref["map50_95"], abs=0.1)
+
+
+def test_a_resumed_run_draws_new_random_streams() -> None:
+    from vocdet.training.run import run_seed
+
+    assert run_seed(0) == 0 and run_seed(7, 0) == 7  # a new run: the configured seed, as Ultralytics uses it
+    resumed = {run_seed(0, step) for step in (60, 61, 114, 180)} | {run_seed(1, 60)}
+    assert len(resumed) == 5 and not resumed & {0, 1} and all(0 <= s < 2**32 for s in resumed)
+    assert run_seed(0, 60) == run_seed(0, 60)  # deterministic: every rank of a resumed DDP run agrees
 
 
 def test_sigterm_under_ddp_then_resume(synth_root: Path, tmp_path: Path) -> None:
@@ -130,7 +121,7 @@ def test_sigterm_under_ddp_then_resume(synth_root: Path, tmp_path: Path) -> None
         assert proc.returncode == 143, out[-3000:]
         assert out.count("stopped: SIGTERM") == 1 and "Traceback" not in out, out[-3000:]
         proc = _start_train(overrides, "--resume")
-        out = _wait(proc, 300)
+        out = finish(proc, 300)
     finally:
         del os.environ["OMP_NUM_THREADS"]
     assert proc.returncode == 0, out[-3000:]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import REPO, run_cli, start_process, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -108,18 +108,7 @@ def test_two_nodes_through_torchrun_on_loopback(synth_root: Path, tmp_path: Path
         train = ["-m", "vocdet", "train", "--nodes", "2", "--devices", "1", *args]
         return [*torchrun, *rdzv, *train]
 
-    procs = [
-        subprocess.Popen(
-            launcher(r),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            cwd=REPO,
-            env=env,
-            start_new_session=True,
-        )
-        for r in (0, 1)
-    ]
+    procs = [start_process(launcher(r), env) for r in (0, 1)]
     try:
         outs = [p.communicate(timeout=400)[0] for p in procs]
     finally:  # a hang must not leave launchers and their workers behind

@@ -8,13 +8,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import run_cli, start_cli, tiny_overrides
 from tests.test_cli import assert_one_line_error
 
 
@@ -49,15 +48,7 @@ def warm_start(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> li
 
 
 def _tune(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vocdet", "tune", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,
-    )
+    return start_cli("tune", *args)
 
 
 @pytest.mark.slow

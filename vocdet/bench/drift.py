@@ -7,8 +7,8 @@ and detections are taken exactly as the server takes them (``image_features`` of
 
 * **false-alarm rate**: the share of in-distribution windows that raise the alarm — disjoint windows of 100
   images, and windows of ``serve.drift_window`` (500) sliding by 100 (what an operator sees every evaluation);
-* **detection delay**: after in-distribution traffic fills the window, drifted images arrive (darkened ×0.5,
-  blurred σ 2, Gaussian noise σ 25, real VOC photos); the window is tested every 10 requests, and the delay is the
+* **detection delay**: after in-distribution traffic fills the window, drifted images arrive (``vocdet robustness``'s
+  corruptions at severity 2: darkened ×0.5, blurred σ 2, Gaussian noise σ 31; real VOC photos); the window is tested every 10 requests, and the delay is the
   number of drifted requests until the first alarm, with the features that raised it.
 
 Writes ``<out>/drift.json``.
@@ -23,32 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
-
 from vocdet.bench.common import SAMPLE
 from vocdet.core.checkpoint import load_checkpoint
 from vocdet.core.drift import DriftWindow, image_features
 from vocdet.core.images import decode_image
 from vocdet.infer.detector import Detector
+from vocdet.infer.robustness import corrupt
 
 DEFAULT_CKPT = Path("runs/quickstart/checkpoints/best.ckpt")
 STEP = 10  # requests between two tests while measuring the delay
-
-
-def _encode(bgr: np.ndarray) -> bytes:
-    return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 92])[1].tobytes()
-
-
-def drifted(data: bytes, how: str, i: int) -> bytes:
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if how == "dark":
-        img = (img * 0.5).astype(np.uint8)
-    elif how == "blur":
-        img = cv2.GaussianBlur(img, (0, 0), 2)
-    elif how == "noise":
-        img = np.clip(img + np.random.default_rng(i).normal(0, 25, img.shape), 0, 255).astype(np.uint8)
-    return _encode(img)
+SEVERITY = 2  # of the corruptions the drifted streams use
 
 
 def observe(detector: Detector, blobs: list[bytes]) -> list[tuple[Any, list[float], list[int]]]:
@@ -128,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     real = [f.read_bytes() for f in sorted((SAMPLE / "JPEGImages").glob("*.jpg"))]
     tail = blobs[-s.window :]
-    streams = {how: [drifted(d, how, i) for i, d in enumerate(tail)] for how in ("dark", "blur", "noise")}
+    streams = {how: [corrupt(d, how, SEVERITY, i) for i, d in enumerate(tail)] for how in ("dark", "blur", "noise")}
     streams["real VOC photos"] = (real * (s.window // max(len(real), 1) + 1))[: s.window]
     for how, stream in streams.items():
         after = observe(detector, stream)

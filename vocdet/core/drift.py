@@ -26,7 +26,7 @@ ms on a decoding thread, so every backend (PyTorch, ONNX fp32/int8, NMS in the g
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,7 +172,6 @@ def build_profile(
     # them, and new images from the same distribution then look different (measured: 9 of 20 in-distribution windows
     # alarmed with an 8-component PCA, against 0 of 20 with this).
     comps = np.random.default_rng(0).standard_normal((EMBED_DIMS, thumbs.shape[1])) / math.sqrt(thumbs.shape[1])
-    spread = np.ones(EMBED_DIMS)
     embedded = (thumbs - mean) @ comps.T
     classes = np.sum([o[2] for o in outputs], axis=0) if outputs else np.zeros(len(class_names))
     return {
@@ -187,11 +186,31 @@ def build_profile(
         "embedding": {
             "mean": [round(float(v), 6) for v in mean],
             "components": [[round(float(v), 6) for v in row] for row in comps],
-            "spread": [float(v) for v in spread],
             "values": [[round(float(v), 5) for v in row] for row in embedded],
             "bandwidth": _median_distance(embedded),
         },
     }
+
+
+def profile_of(
+    records: Sequence[Any],
+    detections: Callable[[Any], tuple[Any, Any] | None],
+    conf: float,
+    class_names: Sequence[str],
+    source: str,
+) -> dict[str, Any] | None:
+    """The profile of ``records`` (each with an ``image`` path) and the model's ``detections(record)`` on each
+    ((scores, labels), or None to leave the record out); None when fewer than 2 images are left."""
+    images, outputs = [], []
+    for r in records:
+        dets = detections(r)
+        if dets is None:
+            continue
+        images.append(file_features(r.image))
+        outputs.append(output_features(*dets, conf, len(class_names)))
+    if len(images) < 2:
+        return None
+    return build_profile(images, outputs, conf, class_names, f"{source} ({len(images)} images)")
 
 
 def _median_distance(x: np.ndarray) -> float:
@@ -247,14 +266,13 @@ class Reference:
         e = profile["embedding"]
         self.mean = np.asarray(e["mean"], np.float64)
         self.components = np.asarray(e["components"], np.float64)
-        self.spread = np.asarray(e["spread"], np.float64)
         self.embedded = np.asarray(e["values"], np.float64)
         self.bandwidth = float(e["bandwidth"])
         self.classes = np.asarray(profile["classes"], np.float64)
         self.class_images = int(profile.get("class_images", 0))
 
     def embed(self, thumbs: np.ndarray) -> np.ndarray:
-        return (np.asarray(thumbs, np.float64) - self.mean) @ self.components.T / self.spread
+        return (np.asarray(thumbs, np.float64) - self.mean) @ self.components.T
 
     def tests(self) -> list[str]:
         names = [k for k in SCALARS if k in self.scalars]
@@ -332,7 +350,7 @@ def _mmd_test(
     k = np.exp(-np.maximum(_sqdist(z, z), 0) / (2 * reference.bandwidth**2)).astype(np.float32)
     base = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)]).astype(np.float32)
     observed = float(base @ k @ base)
-    w = np.stack([rng.permutation(base) for _ in range(permutations)], axis=1)  # (n + m, P)
+    w = rng.permuted(np.tile(base, (permutations, 1)), axis=1).T  # (n + m, P): one relabelling per column
     null = np.einsum("ip,ip->p", k @ w, w)
     p = (1.0 + float((null >= observed - 1e-12).sum())) / (permutations + 1.0)
     return FeatureResult("mmd", max(observed, 0.0), p, threshold, n)
@@ -406,4 +424,5 @@ __all__ = [
     "image_features",
     "jpeg_quality",
     "output_features",
+    "profile_of",
 ]

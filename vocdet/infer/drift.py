@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from vocdet.core.drift import build_profile, evenly, file_features, output_features
+from vocdet.core.drift import evenly, profile_of
 from vocdet.core.voc import split_records
 from vocdet.errors import VocdetError
 from vocdet.infer.detector import Detector
@@ -18,18 +18,17 @@ log = logging.getLogger("vocdet")
 def profile_for_detector(detector: Detector, cfg: Any) -> dict[str, Any]:
     """The profile of ``detector`` on up to ``drift.images`` validation images of ``data.*`` (evenly spread)."""
     records = evenly(split_records(cfg.data, "val", detector.class_names, cfg.run.seed), cfg.drift.images)
-    if len(records) < 2:
-        raise VocdetError(f"a drift profile needs at least 2 validation images; found {len(records)}")
-    images, outputs = [], []
-    nc = len(detector.class_names)
-    for r in records:
-        feats = file_features(r.image)
+
+    def detections(r: Any) -> tuple[list[float], list[int]]:
         dets = detector.predict(Path(r.image))[0]
-        images.append(feats)
-        outputs.append(output_features([d.score for d in dets], [d.class_id for d in dets], detector.conf, nc))
-    return build_profile(
-        images, outputs, detector.conf, detector.class_names, f"validation split of {cfg.data.root} ({len(records)})"
+        return [d.score for d in dets], [d.class_id for d in dets]
+
+    profile = profile_of(
+        records, detections, detector.conf, detector.class_names, f"validation split of {cfg.data.root}"
     )
+    if profile is None:
+        raise VocdetError(f"a drift profile needs at least 2 validation images; found {len(records)}")
+    return profile
 
 
 def export_profile(ckpt: dict[str, Any], detector: Detector, cfg: Any) -> dict[str, Any] | None:

@@ -32,6 +32,7 @@ from vocdet.core.checkpoint import load_checkpoint, network_from_checkpoint
 from vocdet.core.detections import match_detections
 from vocdet.core.files import commit
 from vocdet.core.images import find_images, read_image
+from vocdet.core.voc import split_records
 from vocdet.core.yolo import save_ultralytics_checkpoint
 from vocdet.errors import VocdetError
 from vocdet.infer.backends import TorchBackend, check_device
@@ -101,11 +102,29 @@ def graph_nms(raw: torch.Tensor, conf: float, iou: float, max_det: int) -> torch
     return torch.cat([b[:, None].float(), box, score[:, None], c[:, None].float()], 1)[keep]
 
 
-def default_parity_images() -> list[Path]:
+def ultralytics_assets() -> list[Path]:
+    """bus.jpg and zidane.jpg, the real photos that ship inside the ultralytics package."""
     import ultralytics
 
     assets = Path(ultralytics.__file__).parent / "assets"
     return [assets / "bus.jpg", assets / "zidane.jpg"]
+
+
+PARITY_VAL_IMAGES = 4
+
+
+def default_parity_images(cfg: Any, class_names: list[str]) -> list[Path]:
+    """Images of the model's own kind, so the boxes are compared too: ``PARITY_VAL_IMAGES`` of its validation split
+    (evenly spread) when that data is at hand, and Ultralytics' two real photos."""
+    from vocdet.core.drift import evenly
+
+    try:
+        val = [
+            Path(r.image) for r in evenly(split_records(cfg.data, "val", class_names, cfg.run.seed), PARITY_VAL_IMAGES)
+        ]
+    except (VocdetError, OSError):
+        val = []
+    return [*val, *ultralytics_assets()]
 
 
 def _writable_dir(directory: Path) -> None:
@@ -147,7 +166,9 @@ def export(
     if e.format == "onnx" and not 7 <= e.opset <= 23:
         raise VocdetError(f"export.opset must be between 7 and 23, got {e.opset}")
     _writable_dir(out.parent)
-    parity_paths = find_images(e.parity_images) if e.parity_images else default_parity_images()
+    parity_paths = (
+        find_images(e.parity_images) if e.parity_images else default_parity_images(cfg, ckpt["vocdet"]["class_names"])
+    )
 
     net = network_from_checkpoint(ckpt).fuse()
     meta = _metadata(ckpt, cfg, out)
@@ -174,12 +195,6 @@ def export(
             f"parity vs PyTorch on {len(parity_paths)} images: max |Δ| raw outputs {diff}, "
             f"boxes matched {report['matched']}/{report['total']} ({100 * report['agreement']:.1f}%)"
         )
-        if report["total"] == 0:
-            log.warning(
-                "no detections above conf %.2f on the parity images; give export.parity_images where the model "
-                "finds objects to compare boxes too",
-                report["conf"],
-            )
         if report["agreement"] < e.parity_min_match or report["max_abs_diff"] > (1.0 if e.half else RAW_ATOL):
             raise VocdetError(
                 f"the exported model disagrees with PyTorch (boxes matched {100 * report['agreement']:.1f}% < "
@@ -193,6 +208,12 @@ def export(
                 meta = {**meta, "drift": profile}
                 _set_metadata(tmp, meta)
         commit(tmp, out)
+        if report["total"] == 0:
+            log.warning(
+                "no detections above conf %.2f on the parity images; give export.parity_images where the model "
+                "finds objects to compare boxes too",
+                report["conf"],
+            )
     except torch.cuda.OutOfMemoryError:
         raise VocdetError("out of GPU memory while exporting; use export.device=cpu") from None
     finally:
