@@ -230,10 +230,7 @@ class ExportConfig:
     device: str = opt("cpu", "where the model is exported and checked: cpu|cuda|cuda:N")
     parity_images: list[str] = field(
         default_factory=list,
-        metadata={
-            "help": "images the export is checked on against PyTorch; [] = 4 of the validation split (when at hand)"
-            " and Ultralytics' bus.jpg and zidane.jpg"
-        },
+        metadata={"help": "images the export is checked on against PyTorch; [] = 4 val images + bus.jpg, zidane.jpg"},
     )
     parity_conf: float = opt(0.05, "detections compared down to this score")
     parity_min_match: float = opt(0.99, "share of boxes that must agree (same class, IoU >= 0.99, |d score| <= 0.01)")
