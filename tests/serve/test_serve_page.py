@@ -15,19 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import INSTALL_CHROMIUM as INSTALL
+from tests.conftest import chromium_path
+
 pytestmark = pytest.mark.slow
 
 TIMEOUT_MS = 30_000
-INSTALL = "apt-get install -y --no-install-recommends chromium && pip install playwright"
-
-
-def chromium_path() -> str:
-    candidates = [os.environ.get("VOCDET_CHROMIUM"), "/usr/lib/chromium/chromium"]  # the Debian binary itself
-    candidates += [shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")]
-    for c in candidates:
-        if c and Path(c).is_file() and os.access(c, os.X_OK):
-            return c
-    pytest.fail(f"no Chromium found (set VOCDET_CHROMIUM or install it: {INSTALL})", pytrace=False)
 
 
 @pytest.fixture(scope="module")
