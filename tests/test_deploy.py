@@ -467,9 +467,25 @@ def test_pytorchjob_structure() -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_pytorchjob_pod_templates_are_valid_kubernetes(version: str) -> None:
     (pj,) = documents("pytorchjob.yaml")
-    for rtype, r in pj["spec"]["pytorchReplicaSpecs"].items():
-        as_pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": rtype.lower()}}
-        validate({**as_pod_template, "template": r["template"]}, version)
+    replicas = pj["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"}
+    templates = {
+        rtype: {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": rtype.lower()},
+            "template": r["template"],
+        }
+        for rtype, r in replicas.items()
+    }
+    for doc in templates.values():
+        # Raises ValidationError on a bad template; returns the schema version it checked against.
+        assert version.startswith(kubernetes_validate.validate(doc, version, strict=True))
+    # The same check on a broken copy (a container port given as a string list) must fail.
+    broken = copy.deepcopy(templates["Worker"])
+    broken["template"]["spec"]["containers"][0]["ports"] = [{"containerPort": ["29500"]}]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(broken, version)
 
 
 def _rename_container(pj: dict[str, Any]) -> None:
