@@ -313,35 +313,6 @@ def step_environment(ctx: Context, timeout: float) -> dict[str, Any]:
     return out
 
 
-def img_per_s(images: list[float], seconds: list[float]) -> float:
-    """Training img/s: after the warm-up epoch as the race counts it (``race._timed_throughput``), or over the one
-    epoch of a one-epoch run (warm-up included)."""
-    if len(seconds) > 1:
-        return race._timed_throughput(images, seconds)
-    return images[0] / max(seconds[0], 1e-9)
-
-
-def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    """``race.train_ultralytics`` with ``extra`` trainer arguments (device, amp), which it has no way to take: the
-    same child (``race.ultralytics_train``), arguments (``race.ultralytics_args``) and timing."""
-    out = run_dir / "ultralytics.json"
-    args = {**race.ultralytics_args(data_yaml, run_dir, s), **extra}
-    env = {**BENCH_ENV, **thread_env(s), "YOLO_CONFIG_DIR": str(run_dir / "ultralytics_cfg")}
-    cmd = [sys.executable, "-m", "vocdet.bench.race", "ultralytics_train", json.dumps(args), str(out)]
-    peak, wall = run_measured(cmd, run_dir / "ultralytics.log", env, s.timeout)
-    res = json.loads(out.read_text())
-    return {
-        "img_per_s": img_per_s(res["images"], res["seconds"]),
-        "first_epoch_s": res["seconds"][0],
-        "epochs": len(res["seconds"]),
-        "workers": sorted(set(res["workers"])),
-        **peak,
-        "wall_s": wall,
-        "best": res["best"],
-        "own_metric": {"map50": res["map50"], "map50_95": res["map50_95"]},
-    }
-
-
 def step_race(ctx: Context, timeout: float) -> dict[str, Any]:
     """vocdet (bf16-mixed) against Ultralytics' trainer (AMP) on the same data, equal epochs; both scored by vocdet's
     metric. One side failing still leaves the other's numbers."""
@@ -365,7 +336,7 @@ def step_race(ctx: Context, timeout: float) -> dict[str, Any]:
         with GpuMemory(cuda) as mem:
             v = race.train_vocdet(root, run_dir, s, [f"train.precision={s.precision}", *ctx.accelerator()])
         secs, imgs = race.vocdet_epochs(run_dir / "vocdet")
-        v["img_per_s"] = img_per_s(imgs, secs)
+        v["img_per_s"] = race.timed_throughput(imgs, secs)
         v.update(precision=s.precision, gpu_memory=mem.result(), map50=v["own_metric"]["map50"],
                  map50_95=v["own_metric"]["map50_95"], log=str(run_dir / "vocdet.log"))  # fmt: skip
         result["vocdet"] = v
@@ -378,7 +349,7 @@ def step_race(ctx: Context, timeout: float) -> dict[str, Any]:
     s.timeout = max((deadline - time.monotonic()) * 0.8, MIN_TIMEOUT_S)
     try:
         with GpuMemory(cuda) as mem:
-            u = train_ultralytics(data_yaml, run_dir, s, {"device": 0, "amp": True} if cuda else {})
+            u = race.train_ultralytics(data_yaml, run_dir, s, {"device": 0, "amp": True} if cuda else {})
         u.update(precision=amp, gpu_memory=mem.result(), log=str(run_dir / "ultralytics.log"))
         result["ultralytics"] = u  # its speed stands even if scoring it fails
         if u["workers"] != [s.workers]:
@@ -434,7 +405,7 @@ def step_ddp(ctx: Context, timeout: float) -> dict[str, Any]:
         "epochs": len(secs),
         "wall_s": wall,
         "epoch_s": secs[0],
-        "img_per_s": img_per_s(imgs, secs),
+        "img_per_s": race.timed_throughput(imgs, secs),
         "map50": metrics["map50"],
         "gpu_memory": mem.result(),
         **peak,

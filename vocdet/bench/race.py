@@ -44,8 +44,11 @@ from vocdet.bench.common import (
 )
 
 
-def _timed_throughput(images: list[float], seconds: list[float]) -> float:
-    """img/s over every epoch after the first (the warm-up epoch: allocator, caches, lazy init)."""
+def timed_throughput(images: list[float], seconds: list[float]) -> float:
+    """img/s over every epoch after the first (the warm-up epoch: allocator, caches, lazy init); a one-epoch run's
+    over that epoch, warm-up included."""
+    if len(seconds) == 1:
+        return float(images[0] / max(seconds[0], 1e-9))
     return float(sum(images[1:]) / max(sum(seconds[1:]), 1e-9))
 
 
@@ -97,7 +100,7 @@ def train_vocdet(
     secs, imgs = vocdet_epochs(run_dir / name)
     metrics = json.loads((run_dir / name / "metrics.json").read_text())
     return {
-        "img_per_s": _timed_throughput(imgs, secs),
+        "img_per_s": timed_throughput(imgs, secs),
         **peak,
         "wall_s": wall,
         "options": list(options),
@@ -125,9 +128,13 @@ def ultralytics_args(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> d
     }
 
 
-def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> dict[str, Any]:
+def train_ultralytics(
+    data_yaml: Path, run_dir: Path, s: argparse.Namespace, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Ultralytics' trainer in a child process with ``ultralytics_args`` (and ``extra`` trainer arguments, e.g.
+    device and amp on a GPU), timed and measured."""
     out = run_dir / "ultralytics.json"
-    args = ultralytics_args(data_yaml, run_dir, s)
+    args = {**ultralytics_args(data_yaml, run_dir, s), **(extra or {})}
     log = run_dir / "ultralytics.log"
     peak, wall = run_measured(
         [sys.executable, "-m", "vocdet.bench.race", "ultralytics_train", json.dumps(args), str(out)],
@@ -140,8 +147,10 @@ def train_ultralytics(data_yaml: Path, run_dir: Path, s: argparse.Namespace) -> 
         if set(res[key]) != {want}:
             raise SystemExit(f"bench: Ultralytics trained with {key} {sorted(set(res[key]))}, not {want}")
     return {
-        "img_per_s": _timed_throughput(res["images"], res["seconds"]),
+        "img_per_s": timed_throughput(res["images"], res["seconds"]),
         "first_epoch_s": res["seconds"][0],
+        "epochs": len(res["seconds"]),
+        "workers": sorted(set(res["workers"])),
         **peak,
         "wall_s": wall,
         "best": res["best"],
